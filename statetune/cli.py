@@ -1,0 +1,85 @@
+"""The ``statetune`` command: a table from command name to (options dataclass, library function).
+
+No logic lives here: each command is a library function taking its options dataclass, so everything the
+CLI does can also be driven from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from statetune import __version__
+from statetune.errors import StatetuneError
+from statetune.options import add_arguments, from_namespace
+
+
+@dataclass(frozen=True)
+class Command:
+    """Where a command's options dataclass and function live (imported only when the command runs)."""
+
+    module: str
+    options: str
+    function: str
+    summary: str
+
+    def load(self) -> tuple[type, object]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.options), getattr(mod, self.function)
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command("statetune.data.prepare", "PrepareOptions", "prepare",
+                       "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
+    "train": Command("statetune.train.loop", "TrainOptions", "train",
+                     "Train the initial state of a frozen RWKV model."),
+    "smoke": Command("statetune.smoke", "SmokeOptions", "smoke",
+                     "Build a tiny random RWKV-7, run it, and check sequence vs token-by-token."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: one subcommand per entry of ``COMMANDS``."""
+    parser = argparse.ArgumentParser(prog="statetune", description="State tuning for RWKV language models.")
+    parser.add_argument("--version", action="version", version=f"statetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        opts_cls, _ = cmd.load()
+        p = sub.add_parser(name, help=cmd.summary, description=(opts_cls.__doc__ or cmd.summary).strip())
+        p.add_argument("--config", help="TOML file of options; command-line flags override it.",
+                       default=None)
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+        add_arguments(p, opts_cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``statetune`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    threads = ns.__dict__.pop("threads", None)
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads: must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    opts_cls, fn = COMMANDS[ns.command].load()
+    try:
+        opts = from_namespace(opts_cls, ns, ns.config)
+        result = fn(opts)
+    except StatetuneError as e:
+        print(f"statetune {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"statetune {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""RWKV-6 WKV dispatch: reference loop, chunked torch path, or flash-linear-attention on CUDA."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from statetune.ops.dispatch import choose
+from statetune.ops.reference import wkv6_reference
+
+
+def wkv6(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor,
+         impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """RWKV-6 WKV over a sequence.
+
+    Args: ``r, w, k, v`` of shape ``[B, T, H, N]`` (``w`` is the log-decay ``-exp(decay)``, ``<= 0``),
+    ``u`` ``[H, N]`` the current-token bonus, ``state`` ``[B, H, N, N]`` fp32 in [value, key] layout.
+    Returns ``(y [B, T, H, N] fp32, final_state [B, H, N, N] fp32)``; the input state is not modified.
+    """
+    path = choose(impl, r)
+    if path == "reference" or r.shape[1] == 1:
+        return wkv6_reference(r, w, k, v, u, state)
+    if path == "fla":
+        from statetune.ops.fla_path import wkv6_fla
+
+        return wkv6_fla(r, w, k, v, u, state)
+    from statetune.ops.chunked6 import wkv6_chunked
+
+    return wkv6_chunked(r, w, k, v, u, state)

@@ -1,0 +1,161 @@
+"""Options as dataclasses: argparse flags from fields, a TOML file under them, the command line on top.
+
+Every command's options are a dataclass whose fields carry ``metadata={"help": ...}``; this module turns
+such a dataclass into argparse flags (``--field-name``), merges an optional TOML config, and rebuilds the
+dataclass, whose ``__post_init__`` validates values and names the flag on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from statetune.errors import OptionError
+
+T = TypeVar("T")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a dataclass field."""
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the dataclass ``cls``; positional fields have ``metadata["positional"]``."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name, "default": argparse.SUPPRESS}
+        origin = typing.get_origin(tp)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+" if origin is list else None, help=help_text,
+                                default=argparse.SUPPRESS, metavar=f.name.upper())
+            continue
+        if tp is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if origin is list:
+            (inner,) = typing.get_args(tp)
+            kwargs.update(nargs="+", type=inner)
+        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+            kwargs.update(choices=[m.value for m in tp])
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        elif tp is Path:
+            kwargs["type"] = str
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        parser.add_argument(flag(f.name), **kwargs)
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    try:
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp(value)
+        if tp is Path:
+            return Path(value)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp in (int, float, str, bool) and not isinstance(value, tp):
+            raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
+        if typing.get_origin(tp) is list and not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+    except (ValueError, TypeError) as e:
+        choices = ""
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            choices = f" (choose from {', '.join(m.value for m in tp)})"
+        raise OptionError(f"{flag(name)}: invalid value {value!r}{choices}: {e}") from None
+    return value
+
+
+def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a TOML config whose keys are field names (``_`` or ``-``); unknown keys are errors."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise OptionError(f"--config: file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise OptionError(f"--config: {p} is not valid TOML: {e}") from None
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in raw.items():
+        key = k.replace("-", "_")
+        if key not in names:
+            raise OptionError(f"--config: {p}: unknown option {k!r} (known: {', '.join(sorted(names))})")
+        out[key] = v
+    return out
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """Construct the dataclass from plain values, coercing types and naming the flag on error."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _coerce(f.name, hints[f.name], values[f.name])
+    missing = [flag(f.name) for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise OptionError(f"missing required option(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, config: str | Path | None = None) -> T:
+    """Merge a TOML config (if any) under the parsed command-line values and build the options."""
+    values: dict[str, Any] = load_toml(config, cls) if config else {}
+    values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config")})
+    return build(cls, values)
+
+
+def to_toml(opts: Any) -> str:
+    """Render options as TOML (None values omitted), for ``RUN_DIR/config.toml``."""
+    lines = []
+    for f in dataclasses.fields(opts):
+        v = getattr(opts, f.name)
+        if v is None:
+            continue
+        lines.append(f"{f.name} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, enum.Enum):
+        v = v.value
+    if isinstance(v, Path):
+        v = str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'

@@ -1,0 +1,1 @@
+"""What is trained (the state, directly or through an encoder) and how states are stored."""

@@ -1,0 +1,139 @@
+"""State files: ``blocks.{i}.att.time_state`` ``[H, N, N]`` fp32 [value, key] in safetensors.
+
+The key and layout are those of RWKV-PEFT and RWKV-LM, so RWKV-Runner and the ``rwkv`` package read the
+file; statetune adds optional token-shift tensors and metadata (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from statetune import __version__
+from statetune.errors import StateFileError
+from statetune.model.state import RWKVState
+
+FORMAT = "statetune-state/1"
+WKV_KEY = "blocks.{i}.att.time_state"
+ATT_SHIFT_KEY = "blocks.{i}.att.time_shift"
+FFN_SHIFT_KEY = "blocks.{i}.ffn.time_shift"
+
+
+@dataclass
+class StateFile:
+    """A batch-1 state and its metadata; ``has_shift`` says whether token-shift states were stored."""
+
+    state: RWKVState
+    metadata: dict[str, Any] = field(default_factory=dict)
+    has_shift: bool = False
+
+
+def model_metadata(model) -> dict[str, Any]:
+    """The metadata fields that tie a state to its base model."""
+    cfg = model.config
+    return {"model_version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+            "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "model_fingerprint": model.fingerprint()}
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state(path: str | Path, state: RWKVState, model=None, metadata: dict[str, Any] | None = None,
+               with_shift: bool = False) -> None:
+    """Write row 0 of ``state`` as a state file (atomically); shift vectors only when ``with_shift``."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i in range(state.n_layer):
+        tensors[WKV_KEY.format(i=i)] = state.wkv[i, 0].detach().float().cpu().contiguous()
+        if with_shift:
+            tensors[ATT_SHIFT_KEY.format(i=i)] = state.att_shift[i, 0].detach().float().cpu().contiguous()
+            tensors[FFN_SHIFT_KEY.format(i=i)] = state.ffn_shift[i, 0].detach().float().cpu().contiguous()
+    meta: dict[str, Any] = {"format": FORMAT, "statetune_version": __version__}
+    if model is not None:
+        meta.update(model_metadata(model))
+    meta.update(metadata or {})
+    str_meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=str_meta))
+
+
+def _decode_meta(raw: dict[str, str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def load_state(path: str | Path, model=None, check_fingerprint: bool = True) -> StateFile:
+    """Read a state file (statetune's, or any with ``blocks.{i}.att.time_state`` keys).
+
+    With ``model``, the shapes must fit it and a recorded fingerprint must match it; otherwise a
+    :class:`StateFileError` names the file and what differs.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise StateFileError(f"{p}: no such state file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw_meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise StateFileError(f"{p}: not a readable safetensors state file: {e}") from None
+    meta = _decode_meta(raw_meta)
+    n_layer = 0
+    while WKV_KEY.format(i=n_layer) in tensors:
+        n_layer += 1
+    if n_layer == 0:
+        raise StateFileError(f"{p}: no state tensors (expected keys like {WKV_KEY.format(i=0)!r}); "
+                             f"found {', '.join(sorted(tensors)[:5]) or 'nothing'}")
+    wkv = torch.stack([tensors[WKV_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
+    H, N = wkv.shape[2], wkv.shape[3]
+    has_shift = ATT_SHIFT_KEY.format(i=0) in tensors
+    if has_shift:
+        att = torch.stack([tensors[ATT_SHIFT_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
+        ffn = torch.stack([tensors[FFN_SHIFT_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
+    else:
+        att = torch.zeros(n_layer, 1, H * N)
+        ffn = torch.zeros(n_layer, 1, H * N)
+    sf = StateFile(RWKVState(att, wkv, ffn), meta, has_shift)
+    if model is not None:
+        check_fits(sf, model, p, check_fingerprint)
+        sf.state = sf.state.to(device=model.device, dtype=model.dtype)
+    return sf
+
+
+def check_fits(sf: StateFile, model, where: str | Path, check_fingerprint: bool = True) -> None:
+    """Raise :class:`StateFileError` unless the state's shapes (and fingerprint, if recorded) fit ``model``."""
+    cfg = model.config
+    want = (cfg.n_layer, 1, cfg.n_head, cfg.head_size, cfg.head_size)
+    have = tuple(sf.state.wkv.shape)
+    if have != want:
+        raise StateFileError(
+            f"{where}: state for {have[0]} layers of {have[2]} heads x {have[3]} does not fit the model "
+            f"({cfg.n_layer} layers of {cfg.n_head} heads x {cfg.head_size})")
+    fp = sf.metadata.get("model_fingerprint")
+    if check_fingerprint and fp is not None and fp != model.fingerprint():
+        raise StateFileError(f"{where}: state was trained on a different base model (fingerprint {fp}, "
+                             f"this model's is {model.fingerprint()})")
