@@ -13,6 +13,11 @@ from statetune.model.config import RWKVConfig
 from statetune.model.state import RWKVState
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype WKV states and decays are kept in: fp32, or float64 for float64 models (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def token_shift(x: Tensor, prev: Tensor) -> Tensor:
     """``prev_t - x_t`` where ``prev_t`` is the previous token's input (``prev`` [B, C] before t=0)."""
     # x [B, T, C], prev [B, C]
@@ -80,7 +85,7 @@ class RWKVBase(nn.Module):
         L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
         return RWKVState(
             att_shift=torch.zeros(L, batch_size, C, device=dev, dtype=self.dtype),
-            wkv=torch.zeros(L, batch_size, H, N, N, device=dev, dtype=torch.float32),
+            wkv=torch.zeros(L, batch_size, H, N, N, device=dev, dtype=acc_dtype(self.dtype)),
             ffn_shift=torch.zeros(L, batch_size, C, device=dev, dtype=self.dtype),
         )
 
@@ -95,7 +100,8 @@ class RWKVBase(nn.Module):
             state = state.map(lambda t: t.expand(t.shape[0], batch_size, *t.shape[2:]))
         elif state.batch_size != batch_size:
             raise ValueError(f"state batch size {state.batch_size} does not match tokens batch {batch_size}")
-        return RWKVState(state.att_shift.to(self.dtype), state.wkv.float(), state.ffn_shift.to(self.dtype))
+        return RWKVState(state.att_shift.to(self.dtype), state.wkv.to(acc_dtype(self.dtype)),
+                         state.ffn_shift.to(self.dtype))
 
     def hidden(self, tokens: Tensor, state: RWKVState | None = None,
                checkpoint: bool = False) -> tuple[Tensor, RWKVState]:

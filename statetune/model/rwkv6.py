@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statetune.model.base import Block, RWKVBase, token_shift
+from statetune.model.base import Block, RWKVBase, acc_dtype, token_shift
 from statetune.model.config import RWKVConfig
 from statetune.ops import wkv6
 
@@ -54,7 +54,8 @@ class TimeMix6(nn.Module):
         v = self.value(x + dx * (self.time_maa_v + mv))
         g = F.silu(self.gate(x + dx * (self.time_maa_g + mg)))
         xw = x + dx * (self.time_maa_w + mw)
-        log_w = -torch.exp((self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float())
+        decay = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        log_w = -torch.exp(decay.to(acc_dtype(x.dtype)))
 
         def heads(t: Tensor) -> Tensor:
             return t.view(B, T, H, N)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statetune.model.base import Block, RWKVBase, token_shift
+from statetune.model.base import Block, RWKVBase, acc_dtype, token_shift
 from statetune.model.config import RWKVConfig
 from statetune.ops import wkv7
 
@@ -50,7 +50,8 @@ class TimeMix7(nn.Module):
         xv, xa, xg = x + dx * self.x_v, x + dx * self.x_a, x + dx * self.x_g
 
         r = self.receptance(xr)
-        log_w = -0.606531 * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())  # exp(-0.5)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        log_w = -0.606531 * torch.sigmoid(w.to(acc_dtype(x.dtype)))  # 0.606531 = exp(-0.5)
         k = self.key(xk)
         v = self.value(xv)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)

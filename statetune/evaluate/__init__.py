@@ -1,0 +1,1 @@
+"""Measuring states: masked loss and perplexity, generation metrics, reports."""

@@ -1,0 +1,1 @@
+"""Using states: sampling, generation, chat."""

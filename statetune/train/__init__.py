@@ -1,0 +1,1 @@
+"""``statetune train``: the training loop, its checkpoints, logging and data parallelism."""

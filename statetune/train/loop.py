@@ -1,0 +1,245 @@
+"""``statetune train``: state tuning of a frozen RWKV model, with validation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
+from statetune.evaluate.loss import dataset_loss
+from statetune.infer.greedy import greedy_continue
+from statetune.model.checkpoint import load_model
+from statetune.options import to_toml
+from statetune.train.checkpoint import load_latest, save_checkpoint
+from statetune.train.distributed import Dist, init_distributed
+from statetune.train.loss import masked_lm_loss
+from statetune.train.metrics import MetricsLog
+from statetune.train.options import TrainOptions
+from statetune.train.schedule import lr_at
+from statetune.train.setup import dataset_meta, initial_state, pick_tokenizer, resolve_dtype, resumed_options
+from statetune.tuning.statefile import atomic_write, save_state
+from statetune.tuning.tunable import TunableState
+
+__all__ = ["TrainOptions", "train"]
+log = logging.getLogger("statetune.train")
+
+
+class Run:
+    """One training run: the frozen model, the trainable state, the optimizer and the bookkeeping."""
+
+    def __init__(self, opts: TrainOptions, d: Dist):
+        self.opts, self.d = opts, d
+        self.run_dir = Path(opts.out)
+        device = opts.device
+        if device == "cuda" and d.world > 1:
+            device = f"cuda:{d.local_rank}"
+        self.model = load_model(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+        vocab = self.model.config.vocab_size
+        self.train_data = TokenDataset(opts.train_data, vocab)
+        self.val_data = TokenDataset(opts.val_data, vocab) if opts.val_data else None
+        self.meta = dataset_meta(opts.train_data)
+        self.tokenizer = pick_tokenizer(opts.tokenizer, self.meta, vocab)
+        self.tunable = TunableState(initial_state(opts, self.model, self.tokenizer), opts.param, opts.tune_shift,
+                                    opts.encoder_scope, opts.encoder_in, opts.encoder_hidden, opts.seed)
+        self.tunable.to(self.model.device)
+        self.params = [p for p in self.tunable.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, betas=(opts.beta1, opts.beta2),
+                                           weight_decay=opts.weight_decay)
+        self.global_size = opts.batch_size * opts.grad_accum * d.world
+        steps_per_epoch = math.ceil(len(self.train_data) / self.global_size)
+        self.total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+        self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.baseline_val: float | None = None
+        self.bad_evals = 0
+        self.elapsed = 0.0
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def payload(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "tokens_seen": self.tokens_seen, "best_val": self.best_val, "last_val": self.last_val,
+                "baseline_val": self.baseline_val,
+                "bad_evals": self.bad_evals, "elapsed": self.elapsed, "tunable": self.tunable.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+
+    def restore(self, ck: dict) -> None:
+        self.tunable.load_state_dict(ck["tunable"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_val", "last_val", "baseline_val",
+                  "bad_evals", "elapsed"):
+            setattr(self, k, ck[k])
+
+    def checkpoint(self) -> None:
+        if self.d.main:
+            save_checkpoint(self.run_dir, self.step, self.payload(), self.opts.keep_checkpoints)
+
+    def save_state_file(self, name: str, val_loss: float | None) -> None:
+        if not self.d.main:
+            return
+        o = self.opts
+        trained = {"steps": self.step, "tokens": self.tokens_seen, "data": Path(o.train_data).name,
+                   "param": o.param.value, "tune_shift": o.tune_shift, "init": o.init,
+                   "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
+        meta = {"tokenizer": self.tokenizer.name, "trained": trained}
+        for key in ("prompt_template", "eos", "format"):
+            if key in self.meta:
+                meta[key] = self.meta[key]
+        save_state(self.run_dir / name, self.current_state(), self.model, meta, with_shift=self.tunable.has_shift)
+
+    def current_state(self):
+        with torch.no_grad():
+            return self.tunable().detach()
+
+    # -- one optimizer step --------------------------------------------------------------------------------
+    def train_step(self, batches: list[list[int]]) -> dict:
+        o, d, lengths = self.opts, self.d, self.train_data.lengths
+        groups = micro_batches(batches[self.batch_in_epoch], lengths, o.batch_size, d.world, d.rank)
+        examples = [[self.train_data[i] for i in g] for g in groups]
+        count = torch.tensor([float(sum(sum(e.mask[1:]) for g in examples for e in g))])
+        total_count = max(1.0, float(d.all_reduce_sum(count)))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_tokens = 0.0, 0
+        for group in examples:
+            tokens, mask = collate(group, self.model.device)
+            n_tokens += int(tokens.numel())
+            state = self.tunable()
+            for seg_start in range(0, tokens.shape[1] - 1, o.ctx_len):
+                seg = slice(seg_start, seg_start + o.ctx_len + 1)
+                if seg_start == 0:  # gradient reaches the initial state from the first segment only
+                    loss, _, state = masked_lm_loss(self.model, tokens[:, seg], mask[:, seg], state,
+                                                    o.activation_checkpoint)
+                    if loss.requires_grad:
+                        (loss / total_count).backward()
+                else:
+                    with torch.no_grad():
+                        loss, _, state = masked_lm_loss(self.model, tokens[:, seg], mask[:, seg], state)
+                state = state.detach()
+                loss_sum += float(loss.detach())
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            d.all_reduce_sum(p.grad)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else math.inf))
+        lr = lr_at(self.step, self.total_steps, o.lr, o.lr_final, o.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        totals = d.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64))
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.tokens_seen += int(totals[1])
+        return {"loss": float(totals[0]) / total_count, "lr": lr, "grad_norm": grad_norm,
+                "loss_tokens": int(total_count), "tokens": self.tokens_seen}
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def validate(self, metrics: MetricsLog) -> bool:
+        """Validate, keep the best state, log samples; True when early stopping says stop."""
+        o = self.opts
+        res = dataset_loss(self.model, self.val_data, self.current_state(), o.batch_size, o.ctx_len, o.val_batches)
+        improved = self.best_val is None or res.loss < self.best_val
+        self.last_val = res.loss
+        if improved:
+            self.best_val, self.bad_evals = res.loss, 0
+            self.save_state_file("state-best.safetensors", res.loss)
+        else:
+            self.bad_evals += 1
+        metrics.log("val", self.step, loss=res.loss, ppl=res.ppl, loss_tokens=res.loss_tokens,
+                    baseline_loss=self.baseline_val, best=improved)
+        log.info("step %d: val loss %.4f (ppl %.2f), zero-state baseline %.4f%s", self.step, res.loss, res.ppl,
+                 self.baseline_val, " *best*" if improved else "")
+        if self.d.main:
+            self.log_samples(metrics)
+        return o.patience is not None and self.bad_evals >= o.patience
+
+    def log_samples(self, metrics: MetricsLog) -> None:
+        state = self.current_state()
+        for i in range(min(self.opts.samples, len(self.val_data))):
+            ex = self.val_data[i]
+            cut = next((j for j, m in enumerate(ex.mask) if m), len(ex.ids))
+            cut = max(1, cut)
+            prompt, ref = ex.ids[:cut], ex.ids[cut:]
+            out = greedy_continue(self.model, prompt, state, max_tokens=min(len(ref) + 16, 96),
+                                  stop_ids=(self.tokenizer.eot_id,), vocab_limit=self.tokenizer.vocab_size)
+            metrics.log("sample", self.step, prompt=self.tokenizer.decode(prompt),
+                        output=self.tokenizer.decode(out), reference=self.tokenizer.decode(ref))
+
+
+def train(opts: TrainOptions) -> int:
+    """Train a state; writes ``state-final.safetensors`` (and ``state-best`` with validation) in ``--out``.
+
+    Returns 0 when training finished, 130 when interrupted (a checkpoint was saved; use ``--resume``).
+    """
+    if opts.resume:
+        opts = resumed_options(opts)
+    d = init_distributed(opts.device)
+    torch.manual_seed(opts.seed)
+    try:
+        return _train(opts, d)
+    finally:
+        d.close()
+
+
+def _train(opts: TrainOptions, d: Dist) -> int:
+    run = Run(opts, d)
+    ck = load_latest(run.run_dir)
+    if ck is not None:
+        run.restore(ck)
+        log.info("resuming %s at step %d", run.run_dir, run.step)
+    elif d.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run.run_dir / "config.toml", lambda tmp: Path(tmp).write_text(to_toml(opts)))
+    metrics = MetricsLog(run.run_dir, enabled=d.main, resume_step=run.step if ck is not None else None)
+    if d.main:
+        log.info("training %d parameters (%s) for %d steps; %d records, global batch %d", run.tunable.n_trainable(),
+                 opts.param.value, run.total_steps, len(run.train_data), run.global_size)
+    if run.val_data is not None and run.baseline_val is None:
+        run.baseline_val = dataset_loss(run.model, run.val_data, None, opts.batch_size, opts.ctx_len,
+                                        opts.val_batches).loss
+        metrics.log("val", 0, loss=run.baseline_val, ppl=math.exp(min(run.baseline_val, 50)), loss_tokens=0,
+                    baseline_loss=run.baseline_val, best=False)
+
+    stop = {"flag": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (opts.progress and d.main), unit="step",
+               dynamic_ncols=True)
+    batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
+    early = False
+    try:
+        while run.step < run.total_steps and not early:
+            if run.batch_in_epoch >= len(batches):
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+                batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
+            t0 = time.perf_counter()
+            stats = run.train_step(batches)
+            dt = time.perf_counter() - t0
+            run.elapsed += dt
+            metrics.log("train", run.step, **stats, tokens_per_s=stats["tokens"] / max(run.elapsed, 1e-9),
+                        elapsed_s=run.elapsed)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens'] / max(run.elapsed, 1e-9):.0f}")
+            done = run.step >= run.total_steps
+            if run.val_data is not None and (run.step % opts.eval_every == 0 or done):
+                early = run.validate(metrics)
+            if run.step % opts.save_every == 0 or done or early:
+                run.checkpoint()
+            if stop["flag"]:
+                run.checkpoint()
+                log.warning("interrupted at step %d; checkpoint saved, continue with --resume %s", run.step,
+                            run.run_dir)
+                return 130
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        bar.close()
+        metrics.close()
+    run.save_state_file("state-final.safetensors", run.last_val)
+    if d.main:
+        log.info("wrote %s", run.run_dir / "state-final.safetensors")
+    return 0

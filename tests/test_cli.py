@@ -1,0 +1,31 @@
+"""The CLI: the command table and the parser stay in sync, and every command answers --help."""
+
+from __future__ import annotations
+
+import pytest
+
+from statetune.cli import COMMANDS, build_parser, main
+
+
+def test_every_command_is_in_the_parser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    assert "--threads" in capsys.readouterr().out
+
+
+def test_smoke_runs(capsys):
+    assert main(["smoke", "--tokens", "8", "--threads", "1"]) == 0
+    assert "smoke: OK" in capsys.readouterr().out
+
+
+def test_bad_option_names_the_flag(capsys):
+    assert main(["smoke", "--arch", "rwkv5"]) == 2
+    assert "--arch" in capsys.readouterr().err
