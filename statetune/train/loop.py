@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -230,6 +231,8 @@ def _train(opts: TrainOptions, d: Dist) -> int:
                 early = run.validate(metrics)
             if run.step % opts.save_every == 0 or done or early:
                 run.checkpoint()
+            if os.environ.get("STATETUNE_KILL_AT_STEP") == str(run.step):  # fault injection for resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
             if stop["flag"]:
                 run.checkpoint()
                 log.warning("interrupted at step %d; checkpoint saved, continue with --resume %s", run.step,

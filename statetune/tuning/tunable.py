@@ -15,12 +15,12 @@ from torch import Tensor, nn
 from statetune.model.state import RWKVState
 
 
-class Param(str, enum.Enum):
+class Param(enum.StrEnum):
     direct = "direct"
     encoder = "encoder"
 
 
-class Scope(str, enum.Enum):
+class Scope(enum.StrEnum):
     layer = "layer"
     glob = "global"
 

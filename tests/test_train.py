@@ -1,0 +1,166 @@
+"""``statetune train`` end to end on a tiny model: learning, parameterisations, init, resume, data parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_checkpoint
+from train_data import write_task
+
+import statetune
+from statetune.cli import main
+from statetune.train.loop import TrainOptions, train
+from statetune.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    model = write_checkpoint(root / "m.pth", "rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=300,
+                             dim_ffn=64, seed=3)
+    train_path, val_path = write_task(root)
+    return model, train_path, val_path
+
+
+def run(task, out, **kw) -> TrainOptions:
+    model, tr, va = task
+    opts = TrainOptions(model=str(model), train_data=str(tr), val_data=str(va), out=str(out), progress=False,
+                        batch_size=8, **kw)
+    assert train(opts) == 0
+    return opts
+
+
+def val_losses(out) -> list[float]:
+    return [e["loss"] for e in read_metrics(Path(out) / "metrics.jsonl") if e["type"] == "val"]
+
+
+def test_direct_state_learns_and_beats_zero_state(task, tmp_path):
+    run(task, tmp_path, max_steps=40, eval_every=20)
+    losses = val_losses(tmp_path)
+    assert losses[-1] < losses[0] - 1.0  # losses[0] is the zero-state baseline
+    sf = statetune.load_state(tmp_path / "state-best.safetensors", statetune.load_model(task[0]))
+    assert sf.metadata["tokenizer"] == "bytes" and sf.metadata["trained"]["steps"] == 40
+    assert not sf.has_shift and (tmp_path / "state-final.safetensors").exists()
+    events = read_metrics(tmp_path / "metrics.jsonl")
+    assert any(e["type"] == "sample" for e in events)
+    assert (tmp_path / "config.toml").read_text().count("max_steps = 40") == 1
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_encoder_learns(task, tmp_path, scope):
+    run(task, tmp_path, param="encoder", encoder_scope=scope, encoder_in=8, encoder_hidden=32, max_steps=30,
+        eval_every=30)
+    losses = val_losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_tune_shift_saves_shift_states(task, tmp_path):
+    run(task, tmp_path, tune_shift=True, max_steps=5, eval_every=5)
+    sf = statetune.load_state(tmp_path / "state-final.safetensors")
+    assert sf.has_shift and sf.state.att_shift.abs().sum() > 0
+
+
+def test_init_from_file_and_from_prompt(task, tmp_path):
+    run(task, tmp_path / "a", max_steps=5, eval_every=5)
+    first = statetune.load_state(tmp_path / "a" / "state-final.safetensors").state
+    run(task, tmp_path / "b", max_steps=2, eval_every=5, init=str(tmp_path / "a" / "state-final.safetensors"),
+        lr=0.0, lr_final=0.0)
+    cont = statetune.load_state(tmp_path / "b" / "state-final.safetensors").state
+    torch.testing.assert_close(cont.wkv, first.wkv)
+
+    run(task, tmp_path / "c", max_steps=1, eval_every=5, init="prompt", init_prompt="Q: x\nA: ok!\n", lr=0.0,
+        lr_final=0.0)
+    model = statetune.load_model(task[0])
+    _, expect = model(torch.tensor([[b + 1 for b in b"Q: x\nA: ok!\n"]]))
+    got = statetune.load_state(tmp_path / "c" / "state-final.safetensors")
+    assert got.has_shift  # a prompt's state includes its token-shift vectors
+    torch.testing.assert_close(got.state.wkv, expect.wkv)
+
+
+def test_long_sequences_are_cut_into_segments(task, tmp_path):
+    opts = run(task, tmp_path, max_steps=3, eval_every=3, ctx_len=5)
+    assert opts.ctx_len == 5
+    train_events = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["type"] == "train"]
+    full = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["type"] == "val"][-1]["loss_tokens"]
+    assert full == 16 * 6  # every loss token of the validation set counted, none truncated
+    assert all(e["loss"] > 0 for e in train_events)
+
+
+def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "statetune", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=300)
+
+
+def test_resume_after_sigkill_is_exact(task, tmp_path):
+    model, tr, va = task
+    common = ["train", "--model", str(model), "--train-data", str(tr), "--val-data", str(va), "--max-steps", "12",
+              "--batch-size", "8", "--eval-every", "5", "--save-every", "4", "--no-progress", "--threads", "1"]
+    assert _cli([*common, "--out", str(tmp_path / "full")]).returncode == 0
+    killed = _cli([*common, "--out", str(tmp_path / "cut")], env={"STATETUNE_KILL_AT_STEP": "7"})
+    assert killed.returncode == -9 and not (tmp_path / "cut" / "state-final.safetensors").exists()
+    resumed = _cli(["train", "--resume", str(tmp_path / "cut"), "--threads", "1"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = statetune.load_state(tmp_path / "full" / "state-final.safetensors").state
+    b = statetune.load_state(tmp_path / "cut" / "state-final.safetensors").state
+    assert torch.equal(a.wkv, b.wkv)
+    steps = [e["step"] for e in read_metrics(tmp_path / "cut" / "metrics.jsonl") if e["type"] == "train"]
+    assert steps == list(range(1, 13))  # nothing logged twice after the resume
+
+
+def test_two_processes_match_one(task, tmp_path):
+    model, tr, va = task
+    common = ["--model", str(model), "--train-data", str(tr), "--max-steps", "4", "--no-progress",
+              "--save-every", "100"]
+    one = _cli(["train", *common, "--batch-size", "4", "--out", str(tmp_path / "one"), "--threads", "1"])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "statetune", "train", *common, "--batch-size", "2", "--out", str(tmp_path / "two"),
+                          "--threads", "1"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = statetune.load_state(tmp_path / "one" / "state-final.safetensors").state
+    b = statetune.load_state(tmp_path / "two" / "state-final.safetensors").state
+    torch.testing.assert_close(a.wkv, b.wkv, atol=1e-5, rtol=1e-4)
+    assert a.wkv.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_model", "no such checkpoint file"),
+    ("missing_data", "no such dataset file"),
+    ("bad_vocab", "outside the model's vocabulary"),
+    ("empty", "the dataset is empty"),
+    ("other_model_state", "different base model"),
+    ("bad_flag", "--batch-size"),
+])
+def test_documented_errors(task, tmp_path, capsys, case, match):
+    model, tr, va = task
+    args = {"--model": str(model), "--train-data": str(tr), "--out": str(tmp_path / "run"), "--max-steps": "1"}
+    if case == "missing_model":
+        args["--model"] = str(tmp_path / "none.pth")
+    elif case == "missing_data":
+        args["--train-data"] = str(tmp_path / "none.jsonl")
+    elif case == "bad_vocab":
+        (tmp_path / "d.jsonl").write_text(json.dumps({"text": [1, 2, 999], "mask": [0, 1, 1]}) + "\n")
+        args["--train-data"] = str(tmp_path / "d.jsonl")
+    elif case == "empty":
+        (tmp_path / "d.jsonl").write_text("\n")
+        args["--train-data"] = str(tmp_path / "d.jsonl")
+    elif case == "other_model_state":
+        other = write_checkpoint(tmp_path / "o.pth", "rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=300,
+                                 dim_ffn=64, seed=9)
+        m = statetune.load_model(other)
+        statetune.save_state(tmp_path / "s.safetensors", m.zero_state(1), m)
+        args["--init"] = str(tmp_path / "s.safetensors")
+    elif case == "bad_flag":
+        args["--batch-size"] = "0"
+    argv = ["train"] + [x for kv in args.items() for x in kv] + ["--no-progress"]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
