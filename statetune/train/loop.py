@@ -90,7 +90,8 @@ class Run:
                    "param": o.param.value, "tune_shift": o.tune_shift, "init": o.init,
                    "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
         meta = {"tokenizer": self.tokenizer.name, "trained": trained}
-        for key in ("prompt_template", "eos", "format"):
+        for key in ("format", "prompt_template", "prompt_template_no_input", "prompt_fields", "completion_template",
+                    "chat", "eos", "stop"):
             if key in self.meta:
                 meta[key] = self.meta[key]
         save_state(self.run_dir / name, self.current_state(), self.model, meta, with_shift=self.tunable.has_shift)

@@ -53,8 +53,11 @@ def pick_tokenizer(name: str, meta: dict[str, Any], vocab_size: int):
 
     if name != "auto":
         return get_tokenizer(name)
-    if meta.get("tokenizer"):
-        return get_tokenizer(meta["tokenizer"])
+    named = meta.get("tokenizer")
+    if isinstance(named, dict):
+        named = named.get("name")
+    if named:
+        return get_tokenizer(named)
     return tokenizer_for_vocab(vocab_size)
 
 
