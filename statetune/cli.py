@@ -31,11 +31,24 @@ class Command:
         return getattr(mod, self.options), getattr(mod, self.function)
 
 
-COMMANDS: dict[str, Command] = {
+STATE_COMMANDS: dict[str, Command] = {
+    "info": Command("statetune.state_tools", "InfoOptions", "info", "Shapes, norms and metadata of a state."),
+    "convert": Command("statetune.state_tools", "ConvertOptions", "convert",
+                       "Convert between statetune and the ecosystem's state formats."),
+    "merge": Command("statetune.state_tools", "MergeOptions", "merge",
+                     "Write a state into a copy of a model checkpoint (time_state keys)."),
+    "capture": Command("statetune.state_tools", "CaptureOptions", "capture",
+                       "Save the state a prompt leaves behind, without training."),
+    "average": Command("statetune.state_tools", "AverageOptions", "average",
+                       "Interpolate states of the same model."),
+}
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": Command("statetune.data.prepare", "PrepareOptions", "prepare",
                        "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
     "train": Command("statetune.train.loop", "TrainOptions", "train",
                      "Train the initial state of a frozen RWKV model."),
+    "state": STATE_COMMANDS,
     "smoke": Command("statetune.smoke", "SmokeOptions", "smoke",
                      "Build a tiny random RWKV-7, run it, and check sequence vs token-by-token."),
 }
@@ -47,13 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"statetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        opts_cls, _ = cmd.load()
-        p = sub.add_parser(name, help=cmd.summary, description=(opts_cls.__doc__ or cmd.summary).strip())
-        p.add_argument("--config", help="TOML file of options; command-line flags override it.",
-                       default=None)
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
-        add_arguments(p, opts_cls)
+        if isinstance(cmd, dict):
+            group = sub.add_parser(name, help=f"{name} tools: {', '.join(cmd)}.")
+            inner = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            for sub_name, sub_cmd in cmd.items():
+                _add_command(inner, sub_name, sub_cmd)
+        else:
+            _add_command(sub, name, cmd)
     return parser
+
+
+def _add_command(sub, name: str, cmd: Command) -> None:
+    opts_cls, _ = cmd.load()
+    p = sub.add_parser(name, help=cmd.summary, description=(opts_cls.__doc__ or cmd.summary).strip())
+    p.add_argument("--config", help="TOML file of options; command-line flags override it.", default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+    add_arguments(p, opts_cls)
+
+
+def resolve(ns: argparse.Namespace) -> tuple[str, Command]:
+    """The command a parsed namespace names (``state info`` for groups)."""
+    cmd = COMMANDS[ns.command]
+    if isinstance(cmd, dict):
+        return f"{ns.command} {ns.subcommand}", cmd[ns.subcommand]
+    return ns.command, cmd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    opts_cls, fn = COMMANDS[ns.command].load()
+    name, cmd = resolve(ns)
+    ns.__dict__.pop("subcommand", None)
+    opts_cls, fn = cmd.load()
     try:
         opts = from_namespace(opts_cls, ns, ns.config)
         result = fn(opts)
     except StatetuneError as e:
-        print(f"statetune {ns.command}: error: {e}", file=sys.stderr)
+        print(f"statetune {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"statetune {ns.command}: interrupted", file=sys.stderr)
+        print(f"statetune {name}: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
 
