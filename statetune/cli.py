@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                        "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
     "train": Command("statetune.train.loop", "TrainOptions", "train",
                      "Train the initial state of a frozen RWKV model."),
+    "eval": Command("statetune.evaluate.command", "EvalOptions", "evaluate",
+                    "Task loss and generation metrics, base model and states side by side."),
     "state": STATE_COMMANDS,
     "smoke": Command("statetune.smoke", "SmokeOptions", "smoke",
                      "Build a tiny random RWKV-7, run it, and check sequence vs token-by-token."),

@@ -1,0 +1,29 @@
+"""The Markdown form of an evaluation report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = [("loss", "loss", "{:.4f}"), ("ppl", "ppl", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
+           ("chrf", "chrF", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.2f}"), ("exact_match", "exact %", "{:.1f}")]
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """A table with one row per state (base model first), then side-by-side examples."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in report["rows"])]
+    lines = [f"## {report['model']} on {report['data']}", "",
+             "| state | " + " | ".join(c[1] for c in cols) + " | loss tokens |",
+             "|---|" + "---:|" * (len(cols) + 1)]
+    for r in report["rows"]:
+        cells = [fmt.format(r[key]) for key, _, fmt in cols]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['loss_tokens']} |")
+    for i, ex in enumerate(report.get("examples", []), 1):
+        lines += ["", f"### Example {i}", "", f"**Prompt:** `{_one_line(ex['prompt'])}`", ""]
+        lines.append(f"- *reference*: {_one_line(ex['references'][0])}")
+        for name, out in ex["outputs"].items():
+            lines.append(f"- *{name}*: {_one_line(out)}")
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(s: str) -> str:
+    return s.replace("\n", "\\n").replace("|", "\\|")
