@@ -13,10 +13,17 @@ def test_every_command_is_in_the_parser():
     assert set(sub.choices) == set(COMMANDS)
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_help(name, capsys):
+def _all_commands() -> list[list[str]]:
+    out = []
+    for name, cmd in sorted(COMMANDS.items()):
+        out += [[name, sub] for sub in cmd] if isinstance(cmd, dict) else [[name]]
+    return out
+
+
+@pytest.mark.parametrize("argv", _all_commands(), ids=" ".join)
+def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        main([name, "--help"])
+        main([*argv, "--help"])
     assert e.value.code == 0
     assert "--threads" in capsys.readouterr().out
 

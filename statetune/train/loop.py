@@ -90,7 +90,9 @@ class Run:
                    "param": o.param.value, "tune_shift": o.tune_shift, "init": o.init,
                    "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
         meta = {"tokenizer": self.tokenizer.name, "trained": trained}
-        for key in ("format", "prompt_template", "prompt_template_no_input", "prompt_fields", "completion_template",
+        if "format" in self.meta:  # the dataset's format; "format" itself is the state file's version marker
+            meta["data_format"] = self.meta["format"]
+        for key in ("prompt_template", "prompt_template_no_input", "prompt_fields", "completion_template",
                     "chat", "eos", "stop"):
             if key in self.meta:
                 meta[key] = self.meta[key]

@@ -69,7 +69,7 @@ def save_state(path: str | Path, state: RWKVState, model=None, metadata: dict[st
     meta: dict[str, Any] = {"format": FORMAT, "statetune_version": __version__}
     if model is not None:
         meta.update(model_metadata(model))
-    meta.update(metadata or {})
+    meta.update({k: v for k, v in (metadata or {}).items() if k not in ("format", "statetune_version")})
     str_meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=str_meta))
 

@@ -1,0 +1,192 @@
+"""What ``prepare`` tells afterwards: running totals, the end-of-run summary, and ``OUT.meta.json``.
+
+The meta file is how later commands learn how the data was made: ``train`` copies it into the state's
+metadata, and ``generate`` reads ``prompt_template`` to wrap a new input the way training prompts looked and
+``stop`` to know where an answer ends.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from statetune.data.fields import Template
+from statetune.data.formats import (
+    CHAT_END,
+    CHAT_PROMPT,
+    CHAT_ROLES,
+    INSTRUCTION_COMPLETION,
+    INSTRUCTION_PROMPT,
+    INSTRUCTION_PROMPT_NO_INPUT,
+    Format,
+)
+from statetune.data.pipeline import EXAMPLES, ChunkResult
+from statetune.tokenizer import Tokenizer
+
+META_SCHEMA = "statetune.prepare/1"
+
+
+@dataclass
+class InputReport:
+    """One input file: the format used for it, its end-of-completion marker, and its counts."""
+
+    path: str
+    format: Format | None = None
+    eos: list[int] = field(default_factory=list)
+    eos_text: str | None = None
+    records: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class Totals:
+    """Counts over all inputs, kept in bounded memory (lengths as a histogram)."""
+
+    train_records: int = 0
+    val_records: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    loss_tokens: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    over_max_len: int = 0
+    over_examples: list[str] = field(default_factory=list)
+    lengths: Counter[int] = field(default_factory=Counter)
+
+    def add(self, path: str, result: ChunkResult, report: InputReport) -> None:
+        """Count a chunk's written records (its errors are counted by ``skip``)."""
+        self.train_records += len(result.train)
+        self.val_records += len(result.val)
+        self.train_tokens += result.train_tokens
+        self.val_tokens += result.val_tokens
+        self.loss_tokens += result.loss_tokens
+        self.lengths.update(result.lengths)
+        self.over_max_len += result.n_too_long
+        for line, n in result.too_long:
+            if len(self.over_examples) < EXAMPLES:
+                self.over_examples.append(f"{path}:{line}: {n} tokens")
+        report.records += len(result.train) + len(result.val)
+
+    def skip(self, message: str, report: InputReport) -> None:
+        """Count a skipped record (``--skip-invalid``), keeping the first few messages."""
+        self.skipped += 1
+        report.skipped += 1
+        if len(self.skipped_examples) < EXAMPLES:
+            self.skipped_examples.append(message)
+
+    @property
+    def records(self) -> int:
+        return self.train_records + self.val_records
+
+    @property
+    def tokens(self) -> int:
+        return self.train_tokens + self.val_tokens
+
+
+def percentile(hist: Counter[int], q: float) -> int:
+    """The nearest-rank ``q``-th percentile (0..100) of the values counted in ``hist``; 0 when empty."""
+    total = sum(hist.values())
+    if not total:
+        return 0
+    rank = max(1, -(-q * total // 100))  # ceil(q/100 * total)
+    seen = 0
+    for value in sorted(hist):
+        seen += hist[value]
+        if seen >= rank:
+            return value
+    return max(hist)
+
+
+def length_stats(hist: Counter[int]) -> dict[str, int]:
+    """p50/p90/p99/max of record lengths in tokens."""
+    return {"p50": percentile(hist, 50), "p90": percentile(hist, 90), "p99": percentile(hist, 99),
+            "max": max(hist, default=0)}
+
+
+def templates_for(fmt: Format | None, prompt_template: str | None,
+                  completion_template: str | None) -> dict[str, Any]:
+    """How a new input is wrapped for generation with data of format ``fmt`` (None for mixed formats)."""
+    none: dict[str, Any] = {"prompt_template": None, "prompt_template_no_input": None, "prompt_fields": [],
+                            "completion_template": None, "chat": None}
+    if fmt in (None, Format.TEXT, Format.TOKENIZED):
+        return none
+    prompt, completion, no_input, chat = {
+        Format.PROMPT_COMPLETION: ("{prompt}", "{completion}", None, None),
+        Format.INPUT_OUTPUT: ("{input}", "{output}", None, None),
+        Format.INSTRUCTION: (INSTRUCTION_PROMPT, INSTRUCTION_COMPLETION, INSTRUCTION_PROMPT_NO_INPUT, None),
+        Format.CHAT: (CHAT_PROMPT, " {assistant}" + CHAT_END, None, {
+            "turns": {role: f"{name}: {{content}}{CHAT_END}" for role, name in CHAT_ROLES.items()},
+            "assistant_prompt": "Assistant:", "turn_end": CHAT_END,
+            "normalize": "strip each content, turn \\r\\n into \\n, collapse blank lines into one \\n"}),
+        Format.TEMPLATE: (prompt_template or "", completion_template, None, None),
+    }[fmt]
+    return {"prompt_template": prompt, "prompt_template_no_input": no_input,
+            "prompt_fields": Template(prompt, "--prompt-template").fields,
+            "completion_template": completion, "chat": chat}
+
+
+def build_meta(*, tokenizer: Tokenizer, inputs: list[InputReport], totals: Totals,
+               outputs: dict[str, str | None], prompt_template: str | None, completion_template: str | None,
+               eos_option: str | None, val_fraction: float, split_by: str | None, seed: int,
+               max_len: int | None) -> dict[str, Any]:
+    """The content of ``OUT.meta.json`` (schema ``statetune.prepare/1``, documented in docs/prepare.md)."""
+    formats = {r.format for r in inputs if r.format is not None}
+    fmt = next(iter(formats)) if len(formats) == 1 else None
+    eos_sets = {(tuple(r.eos), r.eos_text) for r in inputs if r.format is not None}
+    eos_ids, eos_text = eos_sets.pop() if len(eos_sets) == 1 else ((), None)
+    eos = {"ids": list(eos_ids), "text": eos_text} if eos_ids else None
+    if eos is not None:
+        stop = eos
+    elif fmt is Format.CHAT:
+        stop = {"ids": tokenizer.encode(CHAT_END), "text": CHAT_END}
+    else:
+        stop = {"ids": [tokenizer.eot_id], "text": None}
+    return {
+        "schema": META_SCHEMA,
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
+        "format": fmt.value if fmt else ("mixed" if formats else None),
+        **templates_for(fmt, prompt_template, completion_template),
+        "eos": eos,
+        "eos_option": eos_option,
+        "stop": stop,
+        "inputs": [{"path": r.path, "format": r.format.value if r.format else None,
+                    "eos": r.eos, "records": r.records, "skipped": r.skipped} for r in inputs],
+        "outputs": outputs,
+        "split": {"val_fraction": val_fraction, "split_by": split_by, "seed": seed} if val_fraction else None,
+        "max_len": max_len,
+        "counts": {"records": totals.records, "train_records": totals.train_records,
+                   "val_records": totals.val_records, "tokens": totals.tokens,
+                   "train_tokens": totals.train_tokens, "val_tokens": totals.val_tokens,
+                   "loss_tokens": totals.loss_tokens, "skipped": totals.skipped,
+                   "over_max_len": totals.over_max_len},
+        "lengths": length_stats(totals.lengths),
+    }
+
+
+def summary(totals: Totals, outputs: dict[str, str | None], max_len: int | None, seconds: float,
+            nbytes: int) -> str:
+    """The end-of-run report printed to stderr."""
+    lines = [f"prepared {totals.records:,} records, {totals.tokens:,} tokens "
+             f"({nbytes / 1e6:.1f} MB in {seconds:.1f} s, {nbytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)"]
+    lines.append(f"  train: {totals.train_records:,} records, {totals.train_tokens:,} tokens "
+                 f"-> {outputs['train']}")
+    if outputs.get("val"):
+        lines.append(f"  val:   {totals.val_records:,} records, {totals.val_tokens:,} tokens "
+                     f"-> {outputs['val']}")
+        if not totals.val_records:
+            lines.append("  warning: the validation split is empty; raise --val-fraction or add data")
+    share = totals.loss_tokens / totals.tokens if totals.tokens else 0.0
+    lines.append(f"  loss tokens: {totals.loss_tokens:,} ({share:.1%} of tokens)")
+    s = length_stats(totals.lengths)
+    lines.append(f"  length (tokens): p50 {s['p50']:,}  p90 {s['p90']:,}  p99 {s['p99']:,}  max {s['max']:,}")
+    if max_len is not None:
+        lines.append(f"  longer than --max-len {max_len:,}: {totals.over_max_len:,} records (kept whole, not "
+                     "truncated)" if totals.over_max_len else f"  none longer than --max-len {max_len:,}")
+        lines += [f"    {e}" for e in totals.over_examples]
+    lines.append(f"  skipped: {totals.skipped:,} invalid records")
+    lines += [f"    {e}" for e in totals.skipped_examples]
+    if totals.skipped > len(totals.skipped_examples):
+        lines.append(f"    ... and {totals.skipped - len(totals.skipped_examples):,} more")
+    lines.append(f"  meta: {outputs['meta']}")
+    return "\n".join(lines)

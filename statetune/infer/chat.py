@@ -1,0 +1,194 @@
+"""``statetune chat``: talk to a model in the RWKV World chat template, carrying the state across turns.
+
+The conversation lives in the recurrent state, never in a transcript: each turn reads only the new
+``User: …\\n\\nAssistant:`` text, the reply is generated until ``\\n\\n``, and whatever part of the
+terminator the model did not itself feed is read afterwards, so the state is exactly as if the whole
+transcript had been read. Lines starting with ``/`` are commands (``/help``); stdin may be a pipe, which
+makes a conversation scriptable (one message per line, one reply per line on stdout).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from statetune.data.formats import CHAT_END, Format, normalize_chat
+from statetune.data.report import templates_for
+from statetune.errors import OptionError, StatetuneError
+from statetune.infer.engine import Engine, prefill
+from statetune.infer.generate import ModelOptions, Setup, load_setup, stops
+from statetune.infer.sampling import MAX_SEED, SamplingOptions, SamplingParams
+from statetune.model.state import RWKVState
+
+__all__ = ["ChatOptions", "ChatSession", "chat"]
+HELP = ("commands: /reset (start over), /save FILE (save the conversation state), /load FILE (continue from a "
+        "state file), /quit; start a message with // to send a line beginning with /")
+
+
+@dataclass(kw_only=True)
+class ChatOptions(SamplingOptions, ModelOptions):
+    """Chat with a model in the RWKV World template (User: ... / Assistant: ...), the state carried across
+    turns. Reads one message per line from stdin (a terminal or a pipe); /help lists the commands."""
+
+    system: str | None = field(default=None, metadata={"help": "A system prompt read before the first turn."})
+    top_p: float = field(default=0.5, metadata={"help": "Nucleus sampling: keep the most likely tokens that "
+                                                        "cover this much probability (1 = off)."})
+    max_tokens: int = field(default=1024, metadata={"help": "Most tokens per reply."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_model_options()
+        if self.system is not None and not normalize_chat(self.system):
+            raise OptionError("--system: empty")
+
+
+class ChatSession:
+    """A conversation: the current state, the state it started from, and the turn loop."""
+
+    def __init__(self, setup: Setup, params: SamplingParams, system: str | None = None) -> None:
+        self.setup, self.params = setup, params
+        self.model, self.tokenizer = setup.model, setup.tokenizer
+        self.engine = Engine(self.model, self.tokenizer, max_batch_size=1)
+        self.start = setup.state
+        if system:
+            self.start = self.feed(f"System: {normalize_chat(system)}{CHAT_END}", self.start)
+        self.state, self.turns = self.start, 0
+
+    def feed(self, text: str, state: RWKVState) -> RWKVState:
+        """The state after reading ``text`` from ``state``."""
+        ids = self.tokenizer.encode(text)
+        return prefill(self.model, [ids], state)[1] if ids else state
+
+    def reply(self, message: str, on_text: Callable[[str], None] = lambda _: None) -> str:
+        """Answer one user message, streaming the reply's text to ``on_text``; returns the reply as generated
+        (it usually begins with a space). On an interrupt the conversation stays as it was before the turn."""
+        prompt = f"User: {normalize_chat(message)}{CHAT_END}Assistant:"
+        params = self.params
+        if params.seed is not None:  # a different (reproducible) draw for every turn
+            params = replace(params, seed=(params.seed + self.turns) % (MAX_SEED + 1))
+        seq = self.engine.add(self.tokenizer.encode(prompt), self.state, params, keep_state=True)
+        done = None
+        try:
+            while done is None:
+                for d in self.engine.step():
+                    if d.text:
+                        on_text(d.text)
+                    done = d.completion or done
+        except BaseException:
+            self.engine.cancel(seq)
+            raise
+        # the state has read the prompt and all generated tokens but the last; read the rest of the turn
+        target = (done.text + CHAT_END).encode("utf-8")
+        fed = self.tokenizer.decode_bytes(done.tokens[:-1])
+        try:
+            rest = target[len(fed):].decode("utf-8") if target.startswith(fed) else None
+        except UnicodeDecodeError:  # the reply ended inside a character: re-read the turn instead
+            rest = None
+        if rest is None:
+            self.state = self.feed(prompt + done.text + CHAT_END, self.state)
+        else:
+            self.state = self.feed(rest, done.state)
+        self.turns += 1
+        return done.text
+
+    def reset(self) -> None:
+        self.state, self.turns = self.start, 0
+
+    def save(self, path: str) -> None:
+        """Save the conversation state (with token-shift states) as a state file with chat metadata."""
+        from statetune.tuning.statefile import save_state
+
+        meta: dict[str, Any] = {k: v for k, v in self.setup.metadata.items() if k == "trained"}
+        meta.update(tokenizer=self.tokenizer.name, data_format=Format.CHAT.value,
+                    **templates_for(Format.CHAT, None, None), eos=None,
+                    stop={"ids": self.tokenizer.encode(CHAT_END), "text": CHAT_END},
+                    conversation={"turns": self.turns})
+        save_state(path, self.state, self.model, meta, with_shift=True)
+
+    def load(self, path: str) -> None:
+        from statetune.tuning.statefile import load_state
+
+        sf = load_state(path, self.model)
+        self.state, self.turns = sf.state, int((sf.metadata.get("conversation") or {}).get("turns", 0))
+
+
+def _lines(interactive: bool):
+    while True:
+        try:
+            line = input("User: ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        yield line.rstrip("\r\n")
+
+
+def chat(opts: ChatOptions) -> int:
+    """Run ``statetune chat`` until /quit or end of input; returns 1 if a command failed, else 0."""
+    setup = load_setup(opts)
+    strings, ids = stops(opts, {}, setup.tokenizer)
+    params = opts.sampling_params(sorted({CHAT_END, *strings}), ids)
+    session = ChatSession(setup, params, opts.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(HELP, file=sys.stderr)
+    status = 0
+    for line in _lines(interactive):
+        if line.startswith("/") and not line.startswith("//"):
+            cmd, _, arg = line.partition(" ")
+            try:
+                if not _command(session, cmd, arg.strip()):
+                    break
+            except StatetuneError as e:
+                print(f"error: {e}", file=sys.stderr)
+                status = 1
+            continue
+        message = line[1:] if line.startswith("//") else line
+        if not normalize_chat(message):
+            continue
+        if interactive:
+            sys.stdout.write("Assistant:")
+        out = _Printer(interactive)
+        try:
+            session.reply(message, out)
+        except KeyboardInterrupt:
+            print("\n[interrupted; the turn was dropped]", file=sys.stderr)
+            continue
+        sys.stdout.write("\n\n" if interactive else "\n")
+        sys.stdout.flush()
+    return status
+
+
+class _Printer:
+    """Writes a streamed reply to stdout; the space a reply begins with is dropped, except in a terminal."""
+
+    def __init__(self, keep_space: bool) -> None:
+        self.started = keep_space
+
+    def __call__(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip(" ")
+            self.started = bool(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _command(session: ChatSession, cmd: str, arg: str) -> bool:
+    """Run one /command; False means quit."""
+    if cmd in ("/quit", "/exit"):
+        return False
+    if cmd == "/reset":
+        session.reset()
+        print("conversation reset", file=sys.stderr)
+    elif cmd in ("/save", "/load"):
+        if not arg:
+            raise OptionError(f"{cmd}: give a file name, e.g. {cmd} chat.safetensors")
+        (session.save if cmd == "/save" else session.load)(arg)
+        print(f"{'saved the conversation state to' if cmd == '/save' else 'loaded'} {arg}", file=sys.stderr)
+    elif cmd == "/help":
+        print(HELP, file=sys.stderr)
+    else:
+        raise OptionError(f"unknown command {cmd}; {HELP}")
+    return True
