@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "chat": Command("statetune.infer.chat", "ChatOptions", "chat",
                     "Chat with a model and a state, the conversation carried in the state."),
     "state": STATE_COMMANDS,
+    "demo": Command("statetune.demo", "DemoOptions", "demo",
+                    "Tune a state on the shipped small model and show the gain."),
     "smoke": Command("statetune.smoke", "SmokeOptions", "smoke",
                      "Build a tiny random RWKV-7, run it, and check sequence vs token-by-token."),
 }

@@ -143,7 +143,7 @@ def capture(opts: CaptureOptions) -> int:
     if not ids:
         raise OptionError("--prompt: the prompt tokenizes to nothing")
     with torch.no_grad():
-        _, state = model(torch.tensor([ids], device=model.device), None)
+        _, state = model(torch.tensor([ids], device=model.device), None, last_only=True)
     save_state(opts.out, state, model, {"tokenizer": tok.name, "captured_prompt": text}, with_shift=True)
     print(f"wrote {opts.out} (state after {len(ids)} tokens)")
     return 0

@@ -68,7 +68,7 @@ def evaluate(opts: EvalOptions) -> int:
 
         print(plot_run(opts.plot))
         return 0
-    from statetune.infer.greedy import greedy_continue
+    from statetune.evaluate.generation import greedy_batch
     from statetune.model.checkpoint import load_model
     from statetune.train.setup import dataset_meta, pick_tokenizer
     from statetune.tuning.formats import read_any
@@ -87,10 +87,8 @@ def evaluate(opts: EvalOptions) -> int:
         res = dataset_loss(model, data, state, opts.batch_size, opts.ctx_len)
         row = {"name": name, "loss": res.loss, "ppl": res.ppl, "loss_tokens": res.loss_tokens}
         if opts.generate:
-            hyps = []
-            for prompt, _ in groups:
-                ids = greedy_continue(model, prompt, state, opts.max_tokens, tuple(stop), tok.vocab_size)
-                hyps.append(tok.decode(ids).strip())
+            hyps = greedy_batch(model, tok, [p for p, _ in groups], state, opts.max_tokens, sorted(stop),
+                                batch_size=opts.batch_size)
             refs = [[tok.decode(r).strip() for r in refs] for _, refs in groups]
             row.update(generation_scores(hyps, refs), prompts=len(groups))
             outputs[name] = hyps

@@ -250,5 +250,5 @@ def prefill(model, prompts: list[list[int]], state: RWKVState | None, max_tokens
         raise ValueError("cannot prefill an empty prompt")
     chunk = max(1, max_tokens // B)
     for start in range(0, T, chunk):
-        logits, state = model(tokens[:, start:start + chunk], state)
+        logits, state = model(tokens[:, start:start + chunk], state, last_only=True)
     return logits[:, -1], state

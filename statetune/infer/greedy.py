@@ -14,7 +14,7 @@ def greedy_continue(model, prompt: list[int], state: RWKVState | None, max_token
 
     ``vocab_limit`` keeps ids the tokenizer can decode (models may pad their vocabulary).
     """
-    logits, s = model(torch.tensor([prompt], device=model.device), state)
+    logits, s = model(torch.tensor([prompt], device=model.device), state, last_only=True)
     out: list[int] = []
     for _ in range(max_tokens):
         nxt = int(logits[0, -1, :vocab_limit].argmax())

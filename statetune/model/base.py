@@ -129,9 +129,16 @@ class RWKVBase(nn.Module):
         new_state = RWKVState(torch.stack(att_s), torch.stack(wkv_s), torch.stack(ffn_s))
         return self.ln_out(x), new_state
 
-    def forward(self, tokens: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
-        """``(logits [B, T, V], new_state)``; the caller's state tensors are never modified."""
+    def forward(self, tokens: Tensor, state: RWKVState | None = None,
+                last_only: bool = False) -> tuple[Tensor, RWKVState]:
+        """``(logits [B, T, V], new_state)``; the caller's state tensors are never modified.
+
+        ``last_only`` computes logits for the last position only (``[B, 1, V]``): prefill needs no more, and
+        the output layer is the largest matmul of a small model.
+        """
         h, new_state = self.hidden(tokens, state)
+        if last_only:
+            h = h[:, -1:]
         return self.head(h), new_state
 
     def logits(self, h: Tensor) -> Tensor:

@@ -70,7 +70,7 @@ def initial_state(opts: TrainOptions, model, tokenizer) -> RWKVState:
         if not ids:
             raise OptionError("--init-prompt: the prompt tokenizes to nothing")
         with torch.no_grad():
-            _, state = model(torch.tensor([ids], device=model.device), None)
+            _, state = model(torch.tensor([ids], device=model.device), None, last_only=True)
         return state
     if Path(opts.init).is_file():
         from statetune.tuning.statefile import load_state
