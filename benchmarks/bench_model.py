@@ -169,13 +169,15 @@ def main() -> None:
     }
     rows = [("matmul peak (GFLOP/s)", f"{peak:.1f}"),
             (f"state-tuning step T={T} B={B} (tokens/s)", f"{B * T / t_step:.0f}"),
-            ("  model GFLOP/s, fraction of peak", f"{flops / t_step / 1e9:.1f}, {res['tuning_step']['fraction_of_peak']:.0%}"),
+            ("  model GFLOP/s, fraction of peak",
+             f"{flops / t_step / 1e9:.1f}, {res['tuning_step']['fraction_of_peak']:.0%}"),
             (f"prefill {args.seq} (tokens/s)", f"{args.seq / t_prefill:.0f}"),
             ("decode, 1 sequence (tokens/s)", f"{dec1:.1f}"),
             ("decode, 8 sequences (tokens/s)", f"{dec8:.1f} ({dec8 / dec1:.1f}x)"),
             ("peak RSS state-tuning / full fine-tune (MB)", f"{mem_state:.0f} / {mem_full:.0f}")]
     if ref_prefill:
-        rows += [("rwkv package prefill (tokens/s)", f"{ref_prefill:.0f} (ours {args.seq / t_prefill / ref_prefill:.1f}x)"),
+        rows += [("rwkv package prefill (tokens/s)",
+                  f"{ref_prefill:.0f} (ours {args.seq / t_prefill / ref_prefill:.1f}x)"),
                  ("rwkv package decode (tokens/s)", f"{ref_decode:.1f} (ours {dec1 / ref_decode:.1f}x)")]
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
