@@ -32,8 +32,8 @@ class Steered:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, tokens, state):
-        logits, state = self.model(tokens, state)
+    def __call__(self, tokens, state, last_only=False):
+        logits, state = self.model(tokens, state, last_only=last_only)
         logits = logits + self.allowed
         if self.calls in self.newline_at:
             logits[..., NEWLINE] = 1e9

@@ -153,13 +153,14 @@ class Scripted:
     def zero_state(self, batch: int) -> RWKVState:
         return RWKVState(torch.zeros(1, batch, 1), torch.zeros(1, batch, 1, 1, 1), torch.zeros(1, batch, 1))
 
-    def __call__(self, tokens, state):
+    def __call__(self, tokens, state, last_only=False):
         B, T = tokens.shape
         read = state.att_shift[0, :, 0].long()
         logits = torch.zeros(B, T, 257)
         for b in range(B):
             for t in range(T):
                 logits[b, t, self.script[min(int(read[b]) + t, len(self.script) - 1)]] = 1.0
+        logits = logits[:, -1:] if last_only else logits
         return logits, RWKVState(state.att_shift + T, state.wkv, state.ffn_shift)
 
 
