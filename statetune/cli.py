@@ -54,6 +54,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                         "Generate text from a model and a state, for one prompt or a file of records."),
     "chat": Command("statetune.infer.chat", "ChatOptions", "chat",
                     "Chat with a model and a state, the conversation carried in the state."),
+    "serve": Command("statetune.serve.command", "ServeOptions", "serve",
+                     "Serve a model and its states over an OpenAI-compatible HTTP API."),
     "state": STATE_COMMANDS,
     "demo": Command("statetune.demo", "DemoOptions", "demo",
                     "Tune a state on the shipped small model and show the gain."),

@@ -1,0 +1,199 @@
+"""The HTTP routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/v1/states/reload`` and
+``/health``, as a FastAPI app over a :class:`~statetune.serve.service.Service`.
+
+Handlers only translate: a request body becomes prompt ids and sampling parameters (``prompts``), the
+service decodes, and the deltas become an OpenAI body or a stream of server-sent events (``responses``).
+Every error a client can cause is an OpenAI-style error body with a 4xx status; a stream that cannot finish
+ends with an ``error`` event and ``data: [DONE]``, never by hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from statetune import __version__
+from statetune.infer.sampling import SamplingParams
+from statetune.serve import prompts as P
+from statetune.serve.errors import ApiError, error_body
+from statetune.serve.guard import Guard
+from statetune.serve.registry import Entry
+from statetune.serve.responses import DONE, Reply, model_card, sse
+from statetune.serve.schemas import ChatRequest, CompletionRequest
+from statetune.serve.service import Service
+
+log = logging.getLogger("statetune.serve")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(service: Service, api_key: str | None = None, max_body: int = 4 << 20) -> Guard:
+    """The ASGI application: the routes behind the API-key and body-size guard.
+
+    The batcher thread starts with the app and stops (cancelling what is left) when the app shuts down.
+    """
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.batcher.start()
+        try:
+            yield
+        finally:
+            service.draining = True
+            await asyncio.to_thread(service.batcher.stop)
+
+    app = FastAPI(title="statetune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service = service
+    _errors(app)
+    _routes(app, service)
+    return Guard(app, api_key, max_body)
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation(e.errors())
+        return JSONResponse(error_body(400, message, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(e).__name__, e, exc_info=e)
+        return JSONResponse(error_body(500, "internal server error"), status_code=500)
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A one-line message naming the field of the first validation error (and how many more there are)."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), bytes | str):
+        return "the body must be a JSON object, sent with 'Content-Type: application/json'", None
+    # union members appear in the location as type names ('str', 'list[int]'): keep only real fields
+    loc = [str(p) if isinstance(p, int) else p for p in first.get("loc", ()) if p != "body"]
+    fields = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool")))]
+    where = ".".join(str(p) for p in fields) or "body"
+    message = f"{where}: {first.get('msg', 'invalid value')}"
+    if "input" in first and first.get("type") != "missing":
+        message += f", got {_short(first['input'])}"
+    return message, fields[0] if fields else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _routes(app: FastAPI, service: Service) -> None:
+    registry, tokenizer, limits = service.registry, service.tokenizer, service.limits
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness and load: 200 while serving, 503 while shutting down."""
+        body = {"status": "stopping" if service.draining else "ok", "models": len(registry.names()),
+                "in_flight": service.inflight, "decoding": service.batcher.active}
+        return JSONResponse(body, status_code=503 if service.draining else 200)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(e, registry.base_name) for e in registry.entries()]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict[str, Any]:
+        return model_card(service.lookup(name), registry.base_name)
+
+    @app.post("/v1/states/reload")
+    async def reload() -> dict[str, Any]:
+        """Rescan the states directory: new files become available, removed ones go, changed ones are re-read."""
+        report = await asyncio.to_thread(registry.reload)
+        return {"object": "reload", "models": registry.names(), **report.as_dict()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        P.check_unsupported(body)
+        entry = service.lookup(body.model)
+        ids = P.completion_prompt(body, entry, tokenizer, limits)
+        strings, stop_ids = P.completion_stops(body, entry, tokenizer)
+        params = P.sampling_params(body, strings, stop_ids, limits)
+        return await _answer(service, Reply(False, entry.name, len(ids)), entry, ids, params, body.stream,
+                             _include_usage(body), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        P.check_unsupported(body)
+        entry = service.lookup(body.model)
+        ids = P.chat_prompt_ids(body, tokenizer, limits)
+        strings, stop_ids = P.chat_stops(body, tokenizer)
+        wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = P.sampling_params(body, strings, stop_ids, limits, wanted)
+        return await _answer(service, Reply(True, entry.name, len(ids)), entry, ids, params, body.stream,
+                             _include_usage(body), request)
+
+
+def _include_usage(body: CompletionRequest | ChatRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def _answer(service: Service, reply: Reply, entry: Entry, ids: list[int], params: SamplingParams,
+                  stream: bool | None, include_usage: bool, request: Request) -> Response:
+    """Decode and answer: one JSON body, or (``stream``) server-sent events."""
+    if service.draining:
+        raise ApiError(503, "the server is shutting down", code="shutting_down")
+    if stream:
+        events = _events(service, reply, entry, ids, params, include_usage, request)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    done = None
+    async with aclosing(service.generate(ids, entry.state, params, request)) as deltas:
+        async for d in deltas:
+            done = d.completion or done
+    if done is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    text = done.text.lstrip(" ") if reply.chat else done.text
+    return JSONResponse(reply.body(text, done.finish_reason, len(done.tokens)))
+
+
+async def _events(service: Service, reply: Reply, entry: Entry, ids: list[int], params: SamplingParams,
+                  include_usage: bool, request: Request) -> AsyncIterator[bytes]:
+    """The stream of one answer; a chat reply's leading space is dropped, as ``statetune chat`` does."""
+    if reply.chat:
+        yield sse(reply.chunk("", role=True))
+    started, done = not reply.chat, None
+    try:
+        async with aclosing(service.generate(ids, entry.state, params, request)) as deltas:
+            async for d in deltas:
+                text = d.text
+                if not started and text:
+                    text = text.lstrip(" ")
+                    started = bool(text)
+                if d.completion is not None:
+                    done = d.completion
+                    yield sse(reply.chunk((text or None) if reply.chat else text, d.finish_reason))
+                elif text:
+                    yield sse(reply.chunk(text))
+    except ApiError as e:
+        yield sse(e.body())
+        yield DONE
+        return
+    if done is None:  # the client went away
+        return
+    if include_usage:
+        yield sse(reply.usage_chunk(len(done.tokens)))
+    yield DONE

@@ -1,0 +1,168 @@
+"""From a validated request to what the engine decodes: prompt token ids and :class:`SamplingParams`.
+
+Prompts are built with ``generate``'s helpers, so a server answers exactly as ``statetune generate`` does
+for the same state: a completion prompt is wrapped in the state's training template (unless ``"raw":
+true`` or the prompt is token ids) and stops at the state's stop metadata unless the request gives stops;
+a chat is ``System: …\\n\\nUser: …\\n\\nAssistant:`` (``chat_prompt``) and its reply ends at ``\\n\\n``.
+Every problem is an :class:`ApiError` (400) naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from statetune.data.fields import RecordError
+from statetune.data.formats import CHAT_END
+from statetune.errors import OptionError
+from statetune.infer.generate import chat_prompt
+from statetune.infer.sampling import SamplingError, SamplingParams
+from statetune.serve.errors import ApiError
+from statetune.serve.registry import Entry
+from statetune.serve.schemas import ChatRequest, CompletionRequest, _Sampling
+from statetune.tokenizer import Tokenizer
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOPS = 16  # stop strings are searched at every token: a long list would slow the whole batch down
+MAX_STOP_CHARS = 1000
+MAX_STOP_IDS = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's bounds on a request."""
+
+    max_tokens: int = 1024
+    max_prompt_tokens: int = 4096
+    vocab_size: int = 65536
+
+
+def check_unsupported(req: _Sampling) -> None:
+    """Refuse the OpenAI fields this server cannot honour, rather than silently ignore them."""
+    if req.n not in (None, 1):
+        raise ApiError(400, f"n: only one choice per request is supported, got {req.n}", "n")
+    if req.logprobs not in (None, False, 0):
+        raise ApiError(400, "logprobs: not supported by this server", "logprobs")
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias: not supported by this server", "logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise ApiError(400, "echo: not supported by this server", "echo")
+        if req.best_of not in (None, 1):
+            raise ApiError(400, f"best_of: only 1 is supported, got {req.best_of}", "best_of")
+        if req.suffix:
+            raise ApiError(400, "suffix: not supported by this server (RWKV reads left to right)", "suffix")
+    if isinstance(req, ChatRequest):
+        if req.tools:
+            raise ApiError(400, "tools: tool calling is not supported by this server", "tools")
+        if req.top_logprobs:
+            raise ApiError(400, "top_logprobs: not supported by this server", "top_logprobs")
+
+
+def completion_prompt(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer, limits: Limits) -> list[int]:
+    """The token ids of a completion's prompt: text through the state's template, or ids as given."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        raise ApiError(400, f"prompt: one prompt per request is supported, got {len(prompt)}", "prompt")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt: empty; the model needs at least one token to continue from", "prompt")
+        text = prompt
+        if not req.raw:
+            try:
+                text = entry.prompts.from_text(prompt)
+            except OptionError:
+                raise ApiError(400, f"prompt: the prompt template of {entry.name!r} ({entry.template!r}) needs "
+                               "several fields; send the whole prompt text with \"raw\": true", "prompt") from None
+        ids = tokenizer.encode(text)
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{limits.vocab_size - 1})",
+                           "prompt")
+    return _check_length(ids, limits, "prompt")
+
+
+def chat_prompt_ids(req: ChatRequest, tokenizer: Tokenizer, limits: Limits) -> list[int]:
+    """The token ids of the chat template over the messages, ending with ``Assistant:``."""
+    if not req.messages:
+        raise ApiError(400, "messages: empty; send at least one message", "messages")
+    messages = []
+    for k, m in enumerate(req.messages):
+        role = ROLES.get(m.role)
+        if role is None:
+            raise ApiError(400, f"messages[{k}].role: expected one of {', '.join(ROLES)}, got {m.role!r}",
+                           f"messages[{k}].role")
+        if isinstance(m.content, list):
+            if any(p.type != "text" or p.text is None for p in m.content):
+                raise ApiError(400, f"messages[{k}].content: only text parts are supported", f"messages[{k}].content")
+            content = "\n".join(p.text for p in m.content)
+        else:
+            content = m.content or ""
+        messages.append({"role": role, "content": content})
+    try:
+        text = chat_prompt(messages)
+    except RecordError as e:
+        raise ApiError(400, f"{e.field}: {e.detail}", e.field) from None
+    return _check_length(tokenizer.encode(text), limits, "messages")
+
+
+def _check_length(ids: list[int], limits: Limits, param: str) -> list[int]:
+    if not ids:
+        raise ApiError(400, f"{param}: the prompt is empty; the model needs at least one token", param)
+    if len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens; this server accepts at most "
+                       f"{limits.max_prompt_tokens} (--max-prompt-tokens)", param, code="context_length_exceeded")
+    return ids
+
+
+def sampling_params(req: _Sampling, stop_strings: list[str], stop_ids: list[int], limits: Limits,
+                    max_tokens: int | None = None) -> SamplingParams:
+    """The request's sampling values (OpenAI's defaults where absent) with the given stops.
+
+    ``max_tokens`` defaults to the server's limit and is capped by it.
+    """
+    wanted = max_tokens if max_tokens is not None else req.max_tokens
+    values = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+              "repetition_penalty": req.repetition_penalty, "seed": req.seed}
+    try:
+        params = SamplingParams(**{k: v for k, v in values.items() if v is not None},
+                                max_tokens=limits.max_tokens if wanted is None else wanted,
+                                stop=stop_strings, stop_token_ids=stop_ids)
+        params.check_vocab(limits.vocab_size)
+    except SamplingError as e:
+        raise ApiError(400, f"{e.field}: {e.detail}, got {e.value!r}", e.field) from None
+    params.max_tokens = min(params.max_tokens, limits.max_tokens)
+    return params
+
+
+def completion_stops(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer) -> tuple[list[str], list[int]]:
+    """The request's stops (plus end of text) if it gives any, else the state's default stops."""
+    if req.stop is None and req.stop_token_ids is None:
+        return list(entry.stop_strings), list(entry.stop_ids)
+    return _stop_list(req.stop), _stop_ids(req.stop_token_ids, tokenizer)
+
+
+def chat_stops(req: ChatRequest, tokenizer: Tokenizer) -> tuple[list[str], list[int]]:
+    """A reply ends at the end of its turn (``\\n\\n``), at the request's stops, or at end of text."""
+    return sorted({CHAT_END, *_stop_list(req.stop)}), _stop_ids(req.stop_token_ids, tokenizer)
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if any(not s for s in stops):
+        raise ApiError(400, "stop: stop strings must not be empty", "stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
+    return stops
+
+
+def _stop_ids(ids: list[int] | None, tokenizer: Tokenizer) -> list[int]:
+    if ids is not None and len(ids) > MAX_STOP_IDS:
+        raise ApiError(400, f"stop_token_ids: at most {MAX_STOP_IDS} ids, got {len(ids)}", "stop_token_ids")
+    return sorted({*(ids or []), tokenizer.eot_id})

@@ -1,0 +1,72 @@
+"""Response bodies and stream chunks in the OpenAI formats, for completions and chat completions alike.
+
+A :class:`Reply` carries what every chunk of one answer shares (id, creation time, model name, endpoint) so
+that the routes only say *what* happened: some text, the end, the token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from statetune.serve.registry import Entry
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+DONE = sse("[DONE]")
+
+
+class Reply:
+    """The bodies of one answer: ``chat`` selects ``chat.completion`` over ``text_completion`` shapes."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int) -> None:
+        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def body(self, text: str, finish_reason: str, completion_tokens: int) -> dict[str, Any]:
+        """The whole (non-streamed) answer with its ``usage``."""
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head(False), "choices": [choice], "usage": usage(self.prompt_tokens, completion_tokens)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+        """One stream chunk: new text (chat: a ``delta``; the first one names the role) and maybe the end."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head(True), "choices": [choice]}
+
+    def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
+        """The last chunk when ``stream_options.include_usage``: no choices, only the counts."""
+        return {**self._head(True), "choices": [], "usage": usage(self.prompt_tokens, completion_tokens)}
+
+
+def model_card(entry: Entry, base_name: str) -> dict[str, Any]:
+    """An entry of ``GET /v1/models``; ``root`` is the base model a state runs on."""
+    return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "statetune",
+            "root": base_name, "parent": None if entry.path is None else base_name,
+            "prompt_template": entry.template}

@@ -1,0 +1,110 @@
+"""What the routes share: the model, the registry, the batcher, the limits, and the life of a request.
+
+:meth:`Service.generate` is the one way a request gets tokens: it submits the sequence, yields its deltas,
+and in every way out (end, error, client gone, server stopping) leaves the engine clean. A client that
+disconnects is noticed while it waits (a watcher listens for ``http.disconnect``), not only when a write
+fails, so a queued or slow request is dropped from the batch at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+
+from starlette.requests import Request
+
+from statetune.infer.engine import Delta
+from statetune.infer.sampling import SamplingParams
+from statetune.model.state import RWKVState
+from statetune.serve.batcher import Batcher, Handle
+from statetune.serve.errors import ApiError, ShuttingDown
+from statetune.serve.prompts import Limits
+from statetune.serve.registry import Entry, Registry
+from statetune.tokenizer import Tokenizer
+
+log = logging.getLogger("statetune.serve")
+_GONE = object()  # queued when the client disconnects
+
+
+@dataclass
+class Service:
+    """The server's shared objects; ``draining`` refuses new requests while the server stops."""
+
+    model: object
+    tokenizer: Tokenizer
+    registry: Registry
+    batcher: Batcher
+    limits: Limits
+    draining: bool = False
+    inflight: int = 0
+
+    def lookup(self, name: str) -> Entry:
+        """The entry called ``name``; a 404 listing the names otherwise. Names are never paths."""
+        entry = self.registry.get(name) if isinstance(name, str) else None
+        if entry is None:
+            names = self.registry.names()
+            raise ApiError(404, f"unknown model {name!r}; available: {', '.join(names)}", "model",
+                           code="model_not_found", available=names)
+        return entry
+
+    async def generate(self, prompt: list[int], state: RWKVState, params: SamplingParams,
+                       request: Request) -> AsyncIterator[Delta]:
+        """Decode one sequence, yielding its deltas until the one with a ``finish_reason``.
+
+        Raises :class:`ApiError` when it cannot finish (shutdown, engine failure); simply ends early when
+        the client disconnects. Use it inside ``contextlib.aclosing`` so that leaving early cancels it.
+        """
+        if self.draining:
+            raise ShuttingDown()
+        handle = self.batcher.submit(prompt, state, params)
+        self.inflight += 1
+        watcher = asyncio.create_task(_disconnected(request))
+        watcher.add_done_callback(partial(_on_disconnect, handle))
+        finished = False
+        try:
+            while True:
+                item = await handle.queue.get()
+                if item is _GONE:
+                    return
+                if isinstance(item, ApiError):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            watcher.cancel()
+            self.inflight -= 1
+            if not finished:
+                self.batcher.cancel(handle)
+
+    async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
+        """Stop taking requests, give those in flight ``grace`` seconds, then end the rest with a 503."""
+        self.draining = True
+        if self.inflight:
+            log.info("waiting up to %.0f s for %d request(s) in flight", grace, self.inflight)
+        deadline = time.monotonic() + grace
+        while self.inflight and time.monotonic() < deadline and not forced():
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            log.warning("cancelling %d request(s) still in flight", self.inflight)
+        self.batcher.cancel_all()
+        deadline = time.monotonic() + 5
+        while self.inflight and time.monotonic() < deadline:  # let them write their last chunk
+            await asyncio.sleep(0.02)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has disconnected (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _on_disconnect(handle: Handle, task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        handle.queue.put_nowait(_GONE)
