@@ -18,6 +18,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def mix_vector(C: int) -> nn.Parameter:
+    """A per-channel coefficient in the official ``[1, 1, C]`` shape."""
+    return nn.Parameter(torch.zeros(1, 1, C))
+
+
 def token_shift(x: Tensor, prev: Tensor) -> Tensor:
     """``prev_t - x_t`` where ``prev_t`` is the previous token's input (``prev`` [B, C] before t=0)."""
     # x [B, T, C], prev [B, C]

@@ -7,12 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from statetune.model.base import Block, RWKVBase, acc_dtype, token_shift
+from statetune.model.base import mix_vector as _vec
 from statetune.model.config import RWKVConfig
 from statetune.ops import wkv6
-
-
-def _vec(C: int) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(1, 1, C))
 
 
 class TimeMix6(nn.Module):

@@ -20,7 +20,7 @@ import torch
 
 from statetune.errors import StateFileError
 from statetune.model.state import RWKVState
-from statetune.tuning.statefile import WKV_KEY, StateFile, atomic_write, load_state, save_state
+from statetune.tuning.statefile import WKV_KEY, StateFile, atomic_write, from_tensors, load_state, save_state
 
 FORMATS = ("statetune", "pth", "list", "ai00")
 log = logging.getLogger("statetune.state")
@@ -39,7 +39,7 @@ def read_any(path: str | Path, model=None) -> StateFile:
         raise StateFileError(f"{p}: not a readable state file (.pth read with weights_only=True): "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if isinstance(obj, dict):
-        sf = _from_dict(obj, p)
+        sf = from_tensors(obj, p, {})
     elif isinstance(obj, list | tuple):
         sf = _from_list(list(obj), p)
     else:
@@ -51,18 +51,6 @@ def read_any(path: str | Path, model=None) -> StateFile:
         check_fits(sf, model, p)
         sf.state = sf.state.to(device=model.device, dtype=model.dtype)
     return sf
-
-
-def _from_dict(d: dict, where: Path) -> StateFile:
-    n = 0
-    while WKV_KEY.format(i=n) in d:
-        n += 1
-    if n == 0:
-        raise StateFileError(f"{where}: unknown state format: no key {WKV_KEY.format(i=0)!r}; found "
-                             f"{', '.join(sorted(map(str, d))[:5]) or 'nothing'}")
-    wkv = torch.stack([d[WKV_KEY.format(i=i)].float() for i in range(n)]).unsqueeze(1)
-    C = wkv.shape[2] * wkv.shape[3]
-    return StateFile(RWKVState(torch.zeros(n, 1, C), wkv, torch.zeros(n, 1, C)), {}, False)
 
 
 def _from_list(items: list, where: Path) -> StateFile:

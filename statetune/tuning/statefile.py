@@ -101,27 +101,30 @@ def load_state(path: str | Path, model=None, check_fingerprint: bool = True) -> 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise StateFileError(f"{p}: not a readable safetensors state file: {e}") from None
-    meta = _decode_meta(raw_meta)
+    sf = from_tensors(tensors, p, _decode_meta(raw_meta))
+    if model is not None:
+        check_fits(sf, model, p, check_fingerprint)
+        sf.state = sf.state.to(device=model.device, dtype=model.dtype)
+    return sf
+
+
+def from_tensors(tensors: dict, where: str | Path, metadata: dict[str, Any]) -> StateFile:
+    """A state from ``blocks.{i}.att.time_state`` (and optional shift) tensors, however they were stored."""
     n_layer = 0
     while WKV_KEY.format(i=n_layer) in tensors:
         n_layer += 1
     if n_layer == 0:
-        raise StateFileError(f"{p}: no state tensors (expected keys like {WKV_KEY.format(i=0)!r}); "
-                             f"found {', '.join(sorted(tensors)[:5]) or 'nothing'}")
+        raise StateFileError(f"{where}: unknown state format: no key {WKV_KEY.format(i=0)!r}; found "
+                             f"{', '.join(sorted(map(str, tensors))[:5]) or 'nothing'}")
     wkv = torch.stack([tensors[WKV_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
-    H, N = wkv.shape[2], wkv.shape[3]
+    C = wkv.shape[2] * wkv.shape[3]
     has_shift = ATT_SHIFT_KEY.format(i=0) in tensors
     if has_shift:
         att = torch.stack([tensors[ATT_SHIFT_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
         ffn = torch.stack([tensors[FFN_SHIFT_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
     else:
-        att = torch.zeros(n_layer, 1, H * N)
-        ffn = torch.zeros(n_layer, 1, H * N)
-    sf = StateFile(RWKVState(att, wkv, ffn), meta, has_shift)
-    if model is not None:
-        check_fits(sf, model, p, check_fingerprint)
-        sf.state = sf.state.to(device=model.device, dtype=model.dtype)
-    return sf
+        att, ffn = torch.zeros(n_layer, 1, C), torch.zeros(n_layer, 1, C)
+    return StateFile(RWKVState(att, wkv, ffn), metadata, has_shift)
 
 
 def check_fits(sf: StateFile, model, where: str | Path, check_fingerprint: bool = True) -> None:
