@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -134,7 +135,9 @@ def main() -> None:
     print("(* = default chunk size)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "threads": args.threads, "shape": shape, "repeats": args.repeats,
-            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor()}
+            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}   # others' work skews timings
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from statetune.ops.chunked6 import compute_dtype, decayed_scores, from_chunks, pick_chunk, stacked_chunks, to_chunks
 
-# Measured on 2 CPU cores (benchmarks/bench_wkv.py, T=1024, 12 heads of 64); see that script.
+# Chosen by measurement (benchmarks/bench_wkv.py: T=1024, 12 heads of 64, fp32, 2 shared CPU cores):
+# 32 was fastest or tied for forward+backward at 1 and 2 threads; 16 is close, 64 is ~10-20% slower.
 DEFAULT_CHUNK_SIZE7 = 32
 
 
