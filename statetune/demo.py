@@ -29,9 +29,9 @@ class DemoOptions:
 
     out: str = field(default="statetune-demo", metadata={"help": "Directory for data, run and state."})
     model: str | None = field(default=None, metadata={"help": "Model checkpoint (default: the shipped one)."})
-    steps: int | None = field(default=None, metadata={"help": "Training steps (default: 150; 8 with --quick)."})
+    steps: int | None = field(default=None, metadata={"help": "Training steps (default: 120; 8 with --quick)."})
     prompts: int | None = field(default=None, metadata={"help": "Held-out prompts scored with BLEU (default: "
-                                                                 "40; 4 with --quick)."})
+                                                                 "32; 4 with --quick)."})
     quick: bool = field(default=False, metadata={"help": "A sub-minute smoke run."})
     device: str = field(default="cpu", metadata={"help": "Torch device."})
 
@@ -61,8 +61,8 @@ def demo(opts: DemoOptions) -> int:
     model_path = Path(opts.model) if opts.model else asset("tiny-rwkv7", "model.pth")
     if not model_path.is_file():
         raise StatetuneError(f"{model_path}: model not found (the shipped model lives in statetune/assets)")
-    steps = opts.steps or (8 if opts.quick else 150)
-    n_prompts = opts.prompts or (4 if opts.quick else 40)
+    steps = opts.steps or (8 if opts.quick else 120)
+    n_prompts = opts.prompts or (4 if opts.quick else 32)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("statetune").setLevel(logging.WARNING)

@@ -6,6 +6,9 @@ from statetune.errors import StatetuneError
 
 
 def _require():
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score announces its tokenizer at INFO
     try:
         import sacrebleu
         from rouge_score import rouge_scorer
