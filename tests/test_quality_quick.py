@@ -1,0 +1,80 @@
+"""The quality benchmark's --quick mode end to end, on a tiny random checkpoint and a tiny E2E-like CSV.
+
+Checks the plumbing (split, every method trains and is scored, JSON/Markdown/plot written), not quality:
+random weights learn nothing in three steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from statetune.model.random_init import random_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "quality_e2e.py"
+METHODS = ("zero_shot", "few_shot", "state_direct", "state_shift", "state_encoder", "state_encoder_global",
+           "state_prompt_init", "lora", "full")
+FIELDS = ("trainable", "stored_bytes", "train_s", "best_val", "test_loss", "bleu", "chrf",
+          "decode_tokens_per_s", "general_loss")
+
+pytest.importorskip("peft")
+pytest.importorskip("sacrebleu")
+pytest.importorskip("matplotlib")
+
+
+def write_csv(path: Path, n_mr: int = 30, refs: int = 2) -> None:
+    """An E2E-shaped CSV: ``n_mr`` meaning representations with ``refs`` references each."""
+    foods, areas = ("French", "Italian", "Chinese"), ("riverside", "city centre")
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["mr", "ref"])
+        for i in range(n_mr):
+            food, area = foods[i % 3], areas[i % 2]
+            mr = f"name[Place {i}], food[{food}], area[{area}]"
+            for j in range(refs):
+                w.writerow([mr, f"Place {i} serves {food} food in the {area}{'.' if j == 0 else ', they say.'}"])
+
+
+def test_quick_mode_end_to_end(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.pth"
+    torch.save(random_checkpoint("rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=257, dim_ffn=64,
+                                 seed=3), model)
+    data = tmp_path / "e2e.csv"
+    write_csv(data)
+    general = tmp_path / "general.txt"
+    general.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 30)
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--model", str(model), "--data", str(data),
+           "--general-text", str(general), "--results-dir", str(results), "--work-dir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    out = json.loads((results / "quality_e2e_quick.json").read_text())
+    assert out["complete"] is True
+    assert set(out["methods"]) == set(METHODS)
+    for name in METHODS:
+        m = out["methods"][name]
+        assert len(m["runs"]) == 1, name
+        for key in FIELDS:
+            assert isinstance(m["runs"][0][key], (int, float)), (name, key)
+            assert key in m["summary"], (name, key)
+    # the split keeps MRs apart, and each side is non-empty
+    split = out["data"]["split"]
+    assert sum(s["mrs"] for s in split.values()) == 30 and all(s["mrs"] >= 1 for s in split.values())
+    # every trained method was swept (one LR in quick mode) on seed 0
+    assert set(out["sweep"]) == set(METHODS) - {"zero_shot", "few_shot"}
+    # weights move only for LoRA and full fine-tuning; their storage is what differs
+    runs = {k: v["runs"][0] for k, v in out["methods"].items()}
+    assert runs["state_direct"]["general_loss"] == runs["zero_shot"]["general_loss"]
+    assert runs["full"]["stored_bytes"] > runs["lora"]["stored_bytes"]
+    assert runs["lora"]["trainable"] >= runs["state_direct"]["trainable"]
+    assert (results / "quality_e2e_quick_curves.png").stat().st_size > 0
+    md = (results / "quality_e2e_quick.md").read_text()
+    assert "| method |" in md and "python benchmarks/quality_e2e.py --quick" in md
