@@ -10,7 +10,7 @@ read-out). Unrolling the recurrence gives
     S_L = S0 diag(exp(c_L)) + sum_j [v_j (k_j * exp(c_L - c_j))^T + u_j (b_j * exp(c_L - c_j))^T]
 
 with ``A_xy[t,j] = sum_n x_t[n] y_j[n] exp(P_t[n] - c_j[n])`` (``P = e`` for ``a``, ``c`` for ``r``), all
-built by :func:`statetune.ops.chunked6.decayed_scores` without ever forming an exponent ``> 0``. The
+built by :func:`statetune.ops.decay.decayed_scores` without ever forming an exponent ``> 0``. The
 ``u`` system is unit lower triangular, so (the UT / WY representation) ``U = W S0^T + U0`` with
 ``[W | U0] = (I - A_ab)^{-1} [a * exp(e) | A_ak V]``, independent of ``S0``: one small triangular
 inverse per chunk, all chunks at once. What remains sequential is, per chunk, ``U = W S0^T + U0`` and
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from statetune.ops.chunked6 import compute_dtype, decayed_scores, from_chunks, pick_chunk, stacked_chunks, to_chunks
+from statetune.ops.decay import compute_dtype, decayed_scores, from_chunks, pick_chunk, stacked_chunks, to_chunks
 
 # Chosen by measurement (benchmarks/bench_wkv.py: T=1024, 12 heads of 64, fp32, 2 shared CPU cores):
 # 32 was fastest or tied for forward+backward at 1 and 2 threads; 16 is close, 64 is ~10-20% slower.
