@@ -48,14 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shots", type=int, default=3, help="in-context examples for few-shot and prompt init")
     ap.add_argument("--batch-ablation", action="store_true",
                     help="also run direct state tuning at half and double batch, equal tokens (adds two runs)")
+    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]", dest="lr_grid",
+                    help="learning rates to sweep for one method instead of its built-in grid (repeatable)")
     ap.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                     help="start no new training run after this many minutes (the report is then marked partial)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only rewrite the report and plot from an existing results JSON")
     ap.add_argument("--results-dir", type=Path, default=REPO / "benchmarks/results")
     ap.add_argument("--report", type=Path, default=None,
-                    help="Markdown report (default benchmarks/RESULTS.md; with --quick "
-                         "RESULTS-DIR/quality_e2e_quick.md)")
+                    help="Markdown report (default benchmarks/RESULTS.md; with --quick or another "
+                         "--results-dir, RESULTS-DIR/quality_e2e[_quick].md)")
     ap.add_argument("--work-dir", type=Path, default=None, help="data and runs (default: a temporary folder)")
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -66,11 +68,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.methods) - set(methods.METHODS)
     if unknown:
         ap.error(f"--methods: unknown {sorted(unknown)} (choose from {', '.join(methods.METHODS)})")
+    args.lr_grid = dict(parse_lr_grid(ap, item) for item in args.lr_grid)
     stem = "quality_e2e_quick" if args.quick else "quality_e2e"
     args.json = args.results_dir / f"{stem}.json"
     args.curves = args.results_dir / f"{stem}_curves.png"
-    args.report = args.report or (args.results_dir / f"{stem}.md" if args.quick else REPO / "benchmarks/RESULTS.md")
+    official = not args.quick and args.results_dir.resolve() == (REPO / "benchmarks/results").resolve()
+    args.report = args.report or (REPO / "benchmarks/RESULTS.md" if official else args.results_dir / f"{stem}.md")
     return args
+
+
+def parse_lr_grid(ap: argparse.ArgumentParser, item: str) -> tuple[str, list[float]]:
+    """``METHOD=LR[,LR...]`` from ``--lr`` as ``(method, rates)``; a bad value stops with a usage error."""
+    name, _, rates = item.partition("=")
+    if name not in methods.METHODS:
+        ap.error(f"--lr {item}: unknown method {name!r} (choose from {', '.join(methods.METHODS)})")
+    try:
+        grid = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        grid = []
+    if not grid or any(not lr > 0 for lr in grid):
+        ap.error(f"--lr {item}: expected METHOD=LR[,LR...] with positive rates, e.g. state_direct=10,3")
+    return name, grid
 
 
 def command_line(argv: list[str]) -> str:

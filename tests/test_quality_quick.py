@@ -52,7 +52,8 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     general.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 30)
     results = tmp_path / "results"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--model", str(model), "--data", str(data),
-           "--general-text", str(general), "--results-dir", str(results), "--work-dir", str(tmp_path / "work")]
+           "--general-text", str(general), "--results-dir", str(results), "--work-dir", str(tmp_path / "work"),
+           "--lr", "state_direct=0.5,0.25"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -70,6 +71,10 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     assert sum(s["mrs"] for s in split.values()) == 30 and all(s["mrs"] >= 1 for s in split.values())
     # every trained method was swept (one LR in quick mode) on seed 0
     assert set(out["sweep"]) == set(METHODS) - {"zero_shot", "few_shot"}
+    # --lr replaces one method's grid; the chosen rate is one of the swept ones
+    direct = out["sweep"]["state_direct"]
+    assert [r["lr"] for r in direct["runs"]] == [0.5, 0.25] and direct["chosen"] in (0.5, 0.25)
+    assert out["config"]["lr_grid"]["state_direct"] == [0.5, 0.25]
     # weights move only for LoRA and full fine-tuning; their storage is what differs
     runs = {k: v["runs"][0] for k, v in out["methods"].items()}
     assert runs["state_direct"]["general_loss"] == runs["zero_shot"]["general_loss"]
@@ -78,3 +83,11 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     assert (results / "quality_e2e_quick_curves.png").stat().st_size > 0
     md = (results / "quality_e2e_quick.md").read_text()
     assert "| method |" in md and "python benchmarks/quality_e2e.py --quick" in md
+
+
+@pytest.mark.parametrize("value, message", [("state_direct=", "positive rates"), ("nope=1", "unknown method"),
+                                            ("lora=1,x", "positive rates"), ("full=-1", "positive rates")])
+def test_bad_lr_grid_is_a_usage_error(value: str, message: str) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--lr", value], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and f"--lr {value}" in proc.stderr

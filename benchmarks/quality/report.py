@@ -99,8 +99,8 @@ def markdown(results: dict, curves_rel: str) -> str:
         f"sample outputs are in `{c['json_rel']}`.", "",
         f"- command: `{results['command']}`",
         f"- date: {results['date']}; total wall time {results.get('elapsed_s', 0) / 60:.1f} min",
-        f"- machine: {mach['cpu']}, {mach['threads']} torch threads (CPU shared with other jobs: times and "
-        f"tokens/s are indicative), torch {mach['torch']}, peft {mach['peft']}",
+        f"- machine: {mach['cpu']}, {mach['threads']} torch threads (one run on a machine that may be shared: "
+        f"times and tokens/s are indicative), torch {mach['torch']}, peft {mach['peft']}",
         f"- model: `{c['model_rel']}`: {results['model']['summary']}",
         f"- data: `{c['data_rel']}` split by meaning representation ({d['split_rule']}): "
         + ", ".join(f"{k} {v['mrs']} MRs / {v['rows']} rows" for k, v in d["split"].items())
@@ -137,10 +137,11 @@ def markdown(results: dict, curves_rel: str) -> str:
               "equal budget: which converges faster, which generalises to unseen meaning representations, what "
               "each costs to store and run. It cannot show absolute quality (BLEU here is far below published "
               "E2E systems, which use large pretrained word-piece models), how the ranking changes with model "
-              "scale (state capacity grows with width and depth, and the original findings came from models of "
-              "0.1B+ parameters), or anything about long contexts. With a handful of seeds and a few dozen test "
-              "MRs, differences smaller than the reported standard deviations are noise; LoRA and full "
-              "fine-tuning have fewer seeds than the state methods.", ""]
+              "scale (state capacity grows with width and depth, and the original findings came from much larger "
+              "pretrained models), or anything about long contexts. With a handful of seeds and a few dozen test "
+              "MRs, differences smaller than the reported standard deviations are noise"
+              + ("; LoRA and full fine-tuning have fewer seeds than the state methods."
+                 if len(results["config"]["weight_seeds"]) < len(results["config"]["seeds"]) else "."), ""]
     return "\n".join(parts)
 
 

@@ -13,7 +13,7 @@ def _h(text: str, **kw) -> dict:
 
 
 # Defaults per parameterisation (see README, "Choosing hyper-parameters").
-DEFAULT_LR = {Param.direct: (1.0, 0.01), Param.encoder: (1e-2, 1e-4)}
+DEFAULT_LR = {Param.direct: (1.0, 0.01), Param.encoder: (1.0, 0.01)}
 
 
 @dataclass
@@ -45,10 +45,10 @@ class TrainOptions:
     grad_accum: int = field(default=1, metadata=_h("Micro-batches per optimizer step."))
     ctx_len: int = field(default=1024, metadata=_h("Longest segment run at once; longer sequences are cut "
                                                    "into segments with the state carried over."))
-    lr: float | None = field(default=None, metadata=_h("Peak learning rate (default: 1.0 direct, 1e-2 "
-                                                       "encoder)."))
+    lr: float | None = field(default=None, metadata=_h("Peak learning rate (default: 1.0 for both "
+                                                       "parameterisations)."))
     lr_final: float | None = field(default=None, metadata=_h("Learning rate at the end of the cosine "
-                                                             "decay (default: 0.01 direct, 1e-4 encoder)."))
+                                                             "decay (default: 0.01)."))
     warmup_steps: int = field(default=10, metadata=_h("Linear warmup steps."))
     weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay."))
     beta1: float = field(default=0.9, metadata=_h("AdamW beta1."))
