@@ -32,6 +32,9 @@ class DemoOptions:
     steps: int | None = field(default=None, metadata={"help": "Training steps (default: 120; 8 with --quick)."})
     prompts: int | None = field(default=None, metadata={"help": "Held-out prompts scored with BLEU (default: "
                                                                  "32; 4 with --quick)."})
+    lr: float = field(default=3.0, metadata={"help": "Peak learning rate of the state (default 3: for this "
+                                                     "small model, short runs want more than train's 1.0; "
+                                                     "see benchmarks/RESULTS.md)."})
     quick: bool = field(default=False, metadata={"help": "A sub-minute smoke run."})
     device: str = field(default="cpu", metadata={"help": "Torch device."})
 
@@ -40,6 +43,8 @@ class DemoOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise OptionError(f"--{name}: must be at least 1, got {v}")
+        if not self.lr > 0:
+            raise OptionError(f"--lr: must be positive, got {self.lr}")
 
 
 def demo(opts: DemoOptions) -> int:
@@ -80,7 +85,8 @@ def demo(opts: DemoOptions) -> int:
 
         shutil.rmtree(run)
     train(TrainOptions(model=str(model_path), train_data=str(train_path), val_data=str(val_path), out=str(run),
-                       max_steps=steps, batch_size=8, eval_every=max(1, steps // 3), save_every=steps, samples=0,
+                       max_steps=steps, batch_size=8, lr=opts.lr, lr_final=opts.lr / 100,
+                       eval_every=max(1, steps // 3), save_every=steps, samples=0,
                        val_batches=4 if opts.quick else 12, warmup_steps=min(10, steps), device=opts.device))
     vals = [e for e in read_metrics(run / "metrics.jsonl") if e["type"] == "val"]
     before, after = vals[0]["loss"], min(e["loss"] for e in vals[1:])

@@ -115,6 +115,23 @@ def test_resume_after_sigkill_is_exact(task, tmp_path):
     assert steps == list(range(1, 13))  # nothing logged twice after the resume
 
 
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(task, tmp_path):
+    model, tr, va = task
+    common = ["train", "--model", str(model), "--train-data", str(tr), "--val-data", str(va), "--max-steps", "9",
+              "--batch-size", "8", "--eval-every", "4", "--save-every", "100", "--no-progress", "--threads", "1"]
+    assert _cli([*common, "--out", str(tmp_path / "full")]).returncode == 0
+    stopped = _cli([*common, "--out", str(tmp_path / "cut")], env={"STATETUNE_KILL_AT_STEP": "6:INT"})
+    assert stopped.returncode == 130, stopped.stderr
+    assert "interrupted at step 6" in stopped.stderr and "--resume" in stopped.stderr
+    assert not (tmp_path / "cut" / "state-final.safetensors").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000006.pt").exists()  # saved on interrupt, not on schedule
+    resumed = _cli(["train", "--resume", str(tmp_path / "cut"), "--threads", "1"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = statetune.load_state(tmp_path / "full" / "state-final.safetensors").state
+    b = statetune.load_state(tmp_path / "cut" / "state-final.safetensors").state
+    assert torch.equal(a.wkv, b.wkv)
+
+
 def test_two_processes_match_one(task, tmp_path):
     model, tr, va = task
     common = ["--model", str(model), "--train-data", str(tr), "--max-steps", "4", "--no-progress",

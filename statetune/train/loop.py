@@ -176,6 +176,14 @@ class Run:
                         output=self.tokenizer.decode(out), reference=self.tokenizer.decode(ref))
 
 
+def _inject_fault(step: int) -> None:
+    """Fault injection for the resume tests: ``STATETUNE_KILL_AT_STEP=N`` (SIGKILL) or ``N:INT`` (SIGINT, as
+    Ctrl-C would send) makes the process signal itself after step ``N``."""
+    at, _, sig = os.environ.get("STATETUNE_KILL_AT_STEP", "").partition(":")
+    if at == str(step):
+        os.kill(os.getpid(), signal.SIGINT if sig == "INT" else signal.SIGKILL)
+
+
 def train(opts: TrainOptions) -> int:
     """Train a state; writes ``state-final.safetensors`` (and ``state-best`` with validation) in ``--out``.
 
@@ -234,8 +242,7 @@ def _train(opts: TrainOptions, d: Dist) -> int:
                 early = run.validate(metrics)
             if run.step % opts.save_every == 0 or done or early:
                 run.checkpoint()
-            if os.environ.get("STATETUNE_KILL_AT_STEP") == str(run.step):  # fault injection for resume tests
-                os.kill(os.getpid(), signal.SIGKILL)
+            _inject_fault(run.step)
             if stop["flag"]:
                 run.checkpoint()
                 log.warning("interrupted at step %d; checkpoint saved, continue with --resume %s", run.step,
