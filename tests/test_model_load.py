@@ -136,3 +136,25 @@ def test_inconsistent_shapes(tmp_path, tiny_ckpt):
     torch.save(sd, tmp_path / "m.pth")
     with pytest.raises(CheckpointError, match=r"blocks\.1\.att\.key\.weight has shape \(16, 15\)"):
         statetune.load_model(tmp_path / "m.pth")
+
+
+@pytest.mark.parametrize("version", ["rwkv7", "rwkv6"])
+def test_decode_layout_changes_memory_order_only(tiny_ckpt, version):
+    model = statetune.load_model(tiny_ckpt(version))
+    tokens = torch.tensor([[5, 17, 230, 9], [1, 2, 3, 4]])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits, state = model(tokens, None)
+    step, _ = model(tokens[:, :1], None)
+    assert model.use_decode_layout() is model
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert model.head.weight.stride() == (1, model.config.vocab_size)  # [in, out] in memory
+    assert model.blocks[0].ffn.key.weight.stride() == (1, model.config.dim_ffn)
+    assert not any(p.requires_grad for p in model.parameters())
+    logits2, state2 = model(tokens, None)
+    step2, _ = model(tokens[:, :1], None)
+    torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step2, step, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state2.wkv, state.wkv, atol=1e-5, rtol=1e-5)

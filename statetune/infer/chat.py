@@ -128,6 +128,7 @@ def _lines(interactive: bool):
 def chat(opts: ChatOptions) -> int:
     """Run ``statetune chat`` until /quit or end of input; returns 1 if a command failed, else 0."""
     setup = load_setup(opts)
+    setup.model.use_decode_layout()  # one conversation: faster matrix-vector products on CPU
     strings, ids = stops(opts, {}, setup.tokenizer)
     params = opts.sampling_params(sorted({CHAT_END, *strings}), ids)
     session = ChatSession(setup, params, opts.system)

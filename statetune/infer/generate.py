@@ -232,6 +232,7 @@ def generate(opts: GenerateOptions) -> int:
         tokens = setup.tokenizer.encode(text)
         if not tokens:
             raise OptionError("--prompt: empty; the model needs at least one token to continue from")
+        setup.model.use_decode_layout()  # one sequence: faster matrix-vector products on CPU
         _one(opts, setup, tokens, opts.sampling_params(strings, ids))
     else:
         records = read_records(opts.input, prompts, setup.tokenizer)

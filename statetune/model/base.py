@@ -26,6 +26,8 @@ def mix_vector(C: int) -> nn.Parameter:
 def token_shift(x: Tensor, prev: Tensor) -> Tensor:
     """``prev_t - x_t`` where ``prev_t`` is the previous token's input (``prev`` [B, C] before t=0)."""
     # x [B, T, C], prev [B, C]
+    if x.shape[1] == 1:  # decoding: nothing to concatenate
+        return prev.unsqueeze(1) - x
     return torch.cat((prev.unsqueeze(1), x[:, :-1]), dim=1) - x
 
 
@@ -75,6 +77,22 @@ class RWKVBase(nn.Module):
         """Force a WKV implementation ("auto", "reference", "chunked", "fla") in every layer."""
         for block in self.blocks:
             block.att.wkv_impl = impl
+
+    def use_decode_layout(self) -> RWKVBase:
+        """Store every projection matrix in ``[in, out]`` memory order on CPU; values, shapes and names stay.
+
+        Decoding one sequence multiplies one row vector by every matrix, and CPU BLAS streams that order
+        faster than the checkpoint's ``[out, in]`` (decode about 1.2x on 0.1B shapes:
+        ``benchmarks/bench_model.py``); from about 4 rows per product on, the checkpoint's order is faster
+        again. So only commands that own their model and decode one sequence call this (``generate`` with
+        one prompt, ``chat``): training keeps the checkpoint's order, and a changed order can change the
+        last bit of a result, which exact resume must not see.
+        """
+        if self.device.type == "cpu":
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        return self
 
     @property
     def device(self) -> torch.device:

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from statetune.ops.dispatch import choose
 from statetune.ops.reference import wkv6_reference
+from statetune.ops.step import wkv6_step
 
 
 def wkv6(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor,
@@ -17,8 +18,10 @@ def wkv6(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor,
     Returns ``(y [B, T, H, N] fp32, final_state [B, H, N, N] fp32)``; the input state is not modified.
     """
     path = choose(impl, r)
-    if path == "reference" or r.shape[1] == 1:
+    if path == "reference":
         return wkv6_reference(r, w, k, v, u, state)
+    if r.shape[1] == 1:
+        return wkv6_step(r, w, k, v, u, state)
     if path == "fla":
         from statetune.ops.fla_path import wkv6_fla
 

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from statetune.ops.dispatch import choose
 from statetune.ops.reference import wkv7_reference
+from statetune.ops.step import wkv7_step
 
 
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor,
@@ -17,8 +18,10 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state
     Returns ``(y [B, T, H, N] fp32, final_state [B, H, N, N] fp32)``; the input state is not modified.
     """
     path = choose(impl, r)
-    if path == "reference" or r.shape[1] == 1:
+    if path == "reference":
         return wkv7_reference(r, w, k, v, a, b, state)
+    if r.shape[1] == 1:
+        return wkv7_step(r, w, k, v, a, b, state)
     if path == "fla":
         from statetune.ops.fla_path import wkv7_fla
 
