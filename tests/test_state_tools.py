@@ -59,11 +59,40 @@ def test_conversions_round_trip(tiny_ckpt, tmp_path, fmt, ext, keeps_shift, capl
     out = tmp_path / f"out{ext}"
     assert main(["state", "convert", str(tmp_path / "s.safetensors"), str(out), "--to", fmt]) == 0
     back = read_any(out, model)
-    torch.testing.assert_close(back.state.wkv, state.wkv, atol=0, rtol=0)
+    want = state.wkv.half().float() if fmt == "ai00" else state.wkv  # ai00 stores float16
+    torch.testing.assert_close(back.state.wkv, want, atol=0, rtol=0)
     if keeps_shift:
         torch.testing.assert_close(back.state.att_shift, state.att_shift, atol=0, rtol=0)
     else:
         assert "token-shift states are dropped" in caplog.text
+
+
+def test_ai00_layout_is_float16_key_by_value(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = statetune.load_model(tiny_ckpt("rwkv7"))
+    state = _state(model)
+    statetune.save_state(tmp_path / "s.safetensors", state, model)
+    assert main(["state", "convert", str(tmp_path / "s.safetensors"), str(tmp_path / "a.st"), "--to", "ai00"]) == 0
+    raw = load_file(tmp_path / "a.st")
+    assert set(raw) == {f"blocks.{i}.att.time_state" for i in range(model.config.n_layer)}
+    for i in range(model.config.n_layer):
+        t = raw[f"blocks.{i}.att.time_state"]
+        assert t.dtype == torch.float16 and t.shape == state.wkv[i, 0].shape
+        assert torch.equal(t, state.wkv[i, 0].transpose(-1, -2).half())  # [H, key, value]
+    # a file from ai00's own converter carries no metadata: float16 alone marks the layout
+    save_file(raw, tmp_path / "plain.st")
+    back = statetune.load_state(tmp_path / "plain.st", model).state
+    torch.testing.assert_close(back.wkv, state.wkv.half().float(), atol=0, rtol=0)
+
+
+def test_ai00_refuses_what_float16_cannot_hold(tiny_ckpt, tmp_path, capsys):
+    model = statetune.load_model(tiny_ckpt("rwkv7"))
+    state = _state(model)
+    state.wkv[0, 0, 0, 0, 0] = 1e6
+    statetune.save_state(tmp_path / "s.safetensors", state, model)
+    assert main(["state", "convert", str(tmp_path / "s.safetensors"), str(tmp_path / "a.st"), "--to", "ai00"]) == 2
+    assert "float16" in capsys.readouterr().err and not (tmp_path / "a.st").exists()
 
 
 def test_capture_equals_reading_the_prompt(tiny_ckpt, tmp_path):

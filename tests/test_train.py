@@ -68,6 +68,20 @@ def test_tune_shift_saves_shift_states(task, tmp_path):
     assert sf.has_shift and sf.state.att_shift.abs().sum() > 0
 
 
+def test_shift_lr_scale_sets_the_shift_states_rate(task, tmp_path):
+    run(task, tmp_path / "frozen", tune_shift=True, shift_lr_scale=0.0, max_steps=3, eval_every=5)
+    frozen = statetune.load_state(tmp_path / "frozen" / "state-final.safetensors").state
+    assert frozen.att_shift.abs().sum() == 0 and frozen.ffn_shift.abs().sum() == 0  # rate 0: never moved
+    assert frozen.wkv.abs().sum() > 0
+    run(task, tmp_path / "full", tune_shift=True, max_steps=3, eval_every=5)
+    run(task, tmp_path / "tenth", tune_shift=True, shift_lr_scale=0.1, max_steps=3, eval_every=5)
+    full = statetune.load_state(tmp_path / "full" / "state-final.safetensors").state
+    tenth = statetune.load_state(tmp_path / "tenth" / "state-final.safetensors").state
+    # Adam's first steps move each entry by about the rate: a tenth of the rate, about a tenth of the distance
+    ratio = (tenth.att_shift.abs().mean() / full.att_shift.abs().mean()).item()
+    assert 0.05 < ratio < 0.2, ratio
+
+
 def test_init_from_file_and_from_prompt(task, tmp_path):
     run(task, tmp_path / "a", max_steps=5, eval_every=5)
     first = statetune.load_state(tmp_path / "a" / "state-final.safetensors").state
@@ -156,6 +170,7 @@ def test_two_processes_match_one(task, tmp_path):
     ("empty", "the dataset is empty"),
     ("other_model_state", "different base model"),
     ("bad_flag", "--batch-size"),
+    ("negative_shift_rate", "--shift-lr-scale: must not be negative"),
 ])
 def test_documented_errors(task, tmp_path, capsys, case, match):
     model, tr, va = task
@@ -178,6 +193,8 @@ def test_documented_errors(task, tmp_path, capsys, case, match):
         args["--init"] = str(tmp_path / "s.safetensors")
     elif case == "bad_flag":
         args["--batch-size"] = "0"
+    elif case == "negative_shift_rate":
+        args["--shift-lr-scale"] = "-1"
     argv = ["train"] + [x for kv in args.items() for x in kv] + ["--no-progress"]
     assert main(argv) == 2
     assert match in capsys.readouterr().err

@@ -49,8 +49,13 @@ class Run:
         self.tunable = TunableState(initial_state(opts, self.model, self.tokenizer), opts.param, opts.tune_shift,
                                     opts.encoder_scope, opts.encoder_in, opts.encoder_hidden, opts.seed)
         self.tunable.to(self.model.device)
-        self.params = [p for p in self.tunable.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, betas=(opts.beta1, opts.beta2),
+        named = [(n, p) for n, p in self.tunable.named_parameters() if p.requires_grad]
+        shift = [p for n, p in named if n in ("att_shift", "ffn_shift")]
+        groups = [{"params": [p for n, p in named if n not in ("att_shift", "ffn_shift")], "lr_scale": 1.0}]
+        if shift:
+            groups.append({"params": shift, "lr_scale": opts.shift_lr_scale})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2),
                                            weight_decay=opts.weight_decay)
         self.global_size = opts.batch_size * opts.grad_accum * d.world
         steps_per_epoch = math.ceil(len(self.train_data) / self.global_size)
@@ -134,7 +139,7 @@ class Run:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else math.inf))
         lr = lr_at(self.step, self.total_steps, o.lr, o.lr_final, o.warmup_steps)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         self.optimizer.step()
         totals = d.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64))
         self.step += 1

@@ -32,6 +32,9 @@ class TrainOptions:
     encoder_in: int = field(default=64, metadata=_h("Encoder: size of the learned input per head."))
     encoder_hidden: int = field(default=256, metadata=_h("Encoder: hidden width."))
     tune_shift: bool = field(default=False, metadata=_h("Also train the two token-shift states per layer."))
+    shift_lr_scale: float = field(default=1.0, metadata=_h("With --tune-shift: the token-shift states' learning "
+                                                           "rate as a fraction of the state's (they live at "
+                                                           "the scale of normalised activations, ~1)."))
     init: str = field(default="zeros", metadata=_h("Initial state: zeros, prompt (see --init-prompt), or a "
                                                    "state file to continue from."))
     init_prompt: str | None = field(default=None, metadata=_h("Text whose final state initialises training "
@@ -85,7 +88,7 @@ class TrainOptions:
                 raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {v}")
         if self.epochs <= 0:
             raise OptionError(f"--epochs: must be positive, got {self.epochs}")
-        for name in ("lr", "lr_final"):
+        for name in ("lr", "lr_final", "shift_lr_scale"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise OptionError(f"--{name.replace('_', '-')}: must not be negative, got {v}")

@@ -6,7 +6,9 @@
   RWKV-LM write it and RWKV-Runner reads it (RWKV-7 as is; RWKV-6 is transposed by the reader).
 - ``list``: the original state-tuning release, ``torch.save([att_shift, wkv, ffn_shift] * L)`` with
   wkv ``[H, N, N]`` [value, key]; keeps the token-shift states.
-- ``ai00``: safetensors with the ``time_state`` keys only (web-rwkv / ai00_server), no metadata.
+- ``ai00``: safetensors as web-rwkv / ai00_server read them: only ``blocks.{i}.att.time_state``, float16
+  (the one dtype they accept), ``[H, key, value]`` (transposed from RWKV-PEFT's ``.pth``, as their own
+  converter does). Float16 rounds the state (relative error ~5e-4) and cannot hold magnitudes ≥ 65504.
 """
 
 from __future__ import annotations
@@ -87,7 +89,14 @@ def write_as(sf: StateFile, path: str | Path, fmt: str, model=None) -> None:
     elif fmt == "ai00":
         from safetensors.torch import save_file
 
-        atomic_write(path, lambda tmp: save_file(wkv, tmp))
+        from statetune.tuning.statefile import AI00_FORMAT
+
+        big = max(t.abs().max().item() for t in wkv.values())
+        if not big < torch.finfo(torch.float16).max:
+            raise StateFileError(f"{path}: the ai00 format stores float16, which cannot hold this state's largest "
+                                 f"entry ({big:.4g}); keep it in the statetune or pth format")
+        half = {k: t.transpose(-1, -2).to(torch.float16).contiguous() for k, t in wkv.items()}
+        atomic_write(path, lambda tmp: save_file(half, tmp, metadata={"format": AI00_FORMAT}))
     else:
         items = []
         for i in range(s.n_layer):

@@ -101,11 +101,29 @@ def load_state(path: str | Path, model=None, check_fingerprint: bool = True) -> 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise StateFileError(f"{p}: not a readable safetensors state file: {e}") from None
-    sf = from_tensors(tensors, p, _decode_meta(raw_meta))
+    meta = _decode_meta(raw_meta)
+    if is_ai00(tensors, meta):
+        tensors = {k: v.transpose(-1, -2) if k.endswith(".att.time_state") else v for k, v in tensors.items()}
+    sf = from_tensors(tensors, p, meta)
     if model is not None:
         check_fits(sf, model, p, check_fingerprint)
         sf.state = sf.state.to(device=model.device, dtype=model.dtype)
     return sf
+
+
+AI00_FORMAT = "ai00-state"
+
+
+def is_ai00(tensors: dict, metadata: dict[str, Any]) -> bool:
+    """Whether safetensors state tensors are in web-rwkv / ai00_server's layout: ``[H, key, value]`` float16.
+
+    ai00 reads only float16 states, so a float16 ``time_state`` without statetune's own format tag is taken
+    to be one (statetune writes fp32 ``[H, value, key]``); files statetune writes for ai00 are tagged.
+    """
+    if metadata.get("format") == AI00_FORMAT:
+        return True
+    first = tensors.get(WKV_KEY.format(i=0))
+    return metadata.get("format") != FORMAT and first is not None and first.dtype == torch.float16
 
 
 def from_tensors(tensors: dict, where: str | Path, metadata: dict[str, Any]) -> StateFile:
