@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"default {FULL[key]} ({QUICK[key]} with --quick)")
     ap.add_argument("--weight-seeds", type=int, default=1, help="seeds for LoRA and full fine-tuning")
     ap.add_argument("--shots", type=int, default=3, help="in-context examples for few-shot and prompt init")
+    ap.add_argument("--shift-lr-scale", type=float, default=1.0,
+                    help="token-shift states' LR as a fraction of the WKV state's, for the token-shift method")
     ap.add_argument("--batch-ablation", action="store_true",
                     help="also run direct state tuning at half and double batch, equal tokens (adds two runs)")
     ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]", dest="lr_grid",

@@ -89,7 +89,7 @@ class Bench:
         few_val = dataset_loss(model, val, self.few_state, args.batch_size).loss
         n_state = TunableState(model.zero_state(1)).n_trainable()
         self.ctx = methods.Context(args.model, model, data.train, data.val, data.few_shot, self.work, base_val,
-                                   few_val, methods.lora_rank_for(model, n_state))
+                                   few_val, methods.lora_rank_for(model, n_state), args.shift_lr_scale)
         self.data = data
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
@@ -101,6 +101,7 @@ class Bench:
             "config": {"model_rel": rel(args.model), "data_rel": rel(args.data), "json_rel": rel(args.json),
                        "quick": args.quick, "seeds": list(range(args.seeds)),
                        "weight_seeds": list(range(args.weight_seeds)), "shots": args.shots,
+                       "shift_lr_scale": args.shift_lr_scale,
                        "test_refs": args.test_refs, "max_new_tokens": args.max_new_tokens,
                        "decode_tokens": args.decode_tokens, "general_text_rel": rel(args.general_text),
                        "general_bytes": args.general_bytes, "general_tokens": len(general),

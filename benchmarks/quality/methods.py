@@ -60,6 +60,7 @@ class Context:
     base_val: float            # validation loss of the base model from the zero state (step 0 of every curve)
     few_shot_val: float        # ... from the few-shot prompt's state (step 0 of the prompt-init curve)
     lora_rank: int = 1
+    shift_lr_scale: float = 1.0  # token-shift states' LR as a fraction of the WKV state's (state_shift only)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def state_direct(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
 
 def state_shift(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
     """WKV states plus the two token-shift vectors per layer."""
-    return _state_run(ctx, b, lr, seed, "shift", param="direct", tune_shift=True)
+    return _state_run(ctx, b, lr, seed, "shift", param="direct", tune_shift=True, shift_lr_scale=ctx.shift_lr_scale)
 
 
 def state_encoder(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
