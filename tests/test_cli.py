@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from statetune.cli import COMMANDS, build_parser, main
@@ -36,3 +40,17 @@ def test_smoke_runs(capsys):
 def test_bad_option_names_the_flag(capsys):
     assert main(["smoke", "--arch", "rwkv5"]) == 2
     assert "--arch" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tiny_ckpt, tmp_path):
+    """`statetune ... | head`: once the reader is gone, exit 141 without a traceback."""
+    import statetune
+
+    model = statetune.load_model(tiny_ckpt("rwkv7"))
+    statetune.save_state(tmp_path / "s.safetensors", model.zero_state(1), model)
+    proc = subprocess.Popen([sys.executable, "-m", "statetune", "state", "info", str(tmp_path / "s.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # before the child has imported anything, let alone printed
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err
