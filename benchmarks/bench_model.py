@@ -45,13 +45,17 @@ def matmul_peak(repeats: int) -> float:
     return 2 * 2048 ** 3 / timed(lambda: a @ b, repeats) / 1e9
 
 
+def forward_flops(cfg, tokens: int, logit_rows: int) -> float:
+    """Forward FLOPs of ``tokens`` tokens through every layer (matmuls + WKV) and ``logit_rows`` output rows,
+    counted from the shapes."""
+    C, F, N = cfg.n_embd, cfg.dim_ffn, cfg.head_size
+    per_token_layer = 2 * (4 * C * C + 2 * C * F + 2 * C * sum(cfg.lora.values())) + 2 * 4 * C * N
+    return tokens * cfg.n_layer * per_token_layer + 2 * logit_rows * C * cfg.vocab_size
+
+
 def step_flops(cfg, T: int, B: int, loss_tokens: int) -> float:
-    """Forward + input-gradient backward FLOPs of one state-tuning step, counted from the shapes."""
-    C, F, V, N = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.head_size
-    lora = sum(cfg.lora.values())
-    per_token_layer = 2 * (4 * C * C + 2 * C * F + 2 * C * lora) + 2 * 4 * C * N  # matmuls + WKV
-    fwd = B * T * cfg.n_layer * per_token_layer + 2 * loss_tokens * C * V
-    return 2 * fwd  # backward to the inputs costs about one forward (no weight gradients)
+    """Forward + input-gradient backward FLOPs of one state-tuning step."""
+    return 2 * forward_flops(cfg, B * T, loss_tokens)  # backward to the inputs costs about one forward
 
 
 def tuning_step(model, T: int, B: int):
@@ -165,7 +169,8 @@ def main() -> None:
         "tuning_step": {"T": T, "B": B, "loss_tokens": loss_tokens, "seconds": t_step,
                         "tokens_per_s": B * T / t_step, "gflops": flops / t_step / 1e9,
                         "fraction_of_peak": flops / t_step / 1e9 / peak},
-        "prefill": {"tokens": args.seq, "tokens_per_s": args.seq / t_prefill, "rwkv_pkg_tokens_per_s": ref_prefill},
+        "prefill": {"tokens": args.seq, "tokens_per_s": args.seq / t_prefill, "rwkv_pkg_tokens_per_s": ref_prefill,
+                    "fraction_of_peak": forward_flops(cfg, args.seq, 1) / t_prefill / 1e9 / peak},
         "decode": {"tokens_per_s": dec1, "batch8_tokens_per_s": dec8, "rwkv_pkg_tokens_per_s": ref_decode,
                    "checkpoint_layout_tokens_per_s": dec1_ckpt},
         "peak_rss_mb": {"state_tuning_step": mem_state, "full_finetune_step": mem_full},
@@ -175,6 +180,7 @@ def main() -> None:
             ("  model GFLOP/s, fraction of peak",
              f"{flops / t_step / 1e9:.1f}, {res['tuning_step']['fraction_of_peak']:.0%}"),
             (f"prefill {args.seq} (tokens/s)", f"{args.seq / t_prefill:.0f}"),
+            ("  model FLOPs / peak", f"{res['prefill']['fraction_of_peak']:.0%}"),
             ("decode, 1 sequence, checkpoint layout (tokens/s)", f"{dec1_ckpt:.1f}"),
             ("decode, 1 sequence, decode layout (tokens/s)", f"{dec1:.1f} ({dec1 / dec1_ckpt:.2f}x)"),
             ("decode, 8 sequences, checkpoint layout (tokens/s)", f"{dec8:.1f} ({dec8 / dec1_ckpt:.1f}x)"),
