@@ -137,6 +137,29 @@ def test_interrupted_run_resumes_exactly(task, tmp_path, fault, returncode):
     assert steps == list(range(1, 13))  # nothing logged twice after the resume
 
 
+@pytest.mark.parametrize("tune_shift", [False, True])
+def test_resume_from_a_checkpoint_without_lr_scale(task, tmp_path, tune_shift):
+    """Checkpoints written before the shift states had their own optimizer group: a plain run resumes; a
+    --tune-shift run (one group then, two now) is refused with a clear error instead of a traceback."""
+    model, tr, va = task
+    args = ["train", "--model", str(model), "--train-data", str(tr), "--max-steps", "4", "--save-every", "2",
+            "--no-progress", "--threads", "1", "--out", str(tmp_path / "run")] + (["--tune-shift"] * tune_shift)
+    assert _cli(args, env={"STATETUNE_KILL_AT_STEP": "3"}).returncode == -9
+    path = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
+    ck = torch.load(path, weights_only=True)
+    groups = ck["optimizer"]["param_groups"]
+    old = {k: v for k, v in groups[0].items() if k != "lr_scale"}
+    old["params"] = [i for g in groups for i in g["params"]]
+    ck["optimizer"]["param_groups"] = [old]
+    torch.save(ck, path)
+    resumed = _cli(["train", "--resume", str(tmp_path / "run"), "--threads", "1"])
+    if tune_shift:
+        assert resumed.returncode == 2 and "older statetune" in resumed.stderr and "Traceback" not in resumed.stderr
+    else:
+        assert resumed.returncode == 0, resumed.stderr
+        assert (tmp_path / "run" / "state-final.safetensors").exists()
+
+
 def test_two_processes_match_one(task, tmp_path):
     model, tr, va = task
     common = ["--model", str(model), "--train-data", str(tr), "--max-steps", "4", "--no-progress",

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
+from statetune.errors import CheckpointError
 from statetune.evaluate.loss import dataset_loss
 from statetune.infer.greedy import greedy_continue
 from statetune.model.checkpoint import load_model
@@ -77,7 +78,12 @@ class Run:
 
     def restore(self, ck: dict) -> None:
         self.tunable.load_state_dict(ck["tunable"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except ValueError as e:  # e.g. --tune-shift runs from before the shift states had their own group
+            raise CheckpointError(f"{self.run_dir}: the checkpoint's optimizer does not match this run's "
+                                  f"trainable parameters ({e}); it was written by an older statetune: start "
+                                  f"a new run, with --init STATE to continue from its state") from None
         torch.set_rng_state(ck["rng"])
         for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_val", "last_val", "baseline_val",
                   "bad_evals", "elapsed"):
@@ -139,7 +145,7 @@ class Run:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else math.inf))
         lr = lr_at(self.step, self.total_steps, o.lr, o.lr_final, o.warmup_steps)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # checkpoints from before lr_scale have one group
         self.optimizer.step()
         totals = d.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64))
         self.step += 1
