@@ -9,12 +9,12 @@ numbers reflect statetune's decoding, not a particular model. Prints a table and
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchio import print_rows, write_json
 
 from statetune.infer.engine import Engine
 from statetune.infer.sampling import SamplingParams
@@ -79,10 +79,8 @@ def main() -> None:
             ("speed-up", f"{res['speedup']:.1f}x"),
             ("batched with a state (tokens/s)", f"{res['batched_with_state_tokens_per_s']:.1f}"),
             ("cost of the state", f"{res['state_overhead']:+.1%}")]
-    for k, v in rows:
-        print(f"{k:<34}{v}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print_rows(rows)
+    write_json(res, args.out)
     print(f"wrote {args.out}")
 
 

@@ -10,7 +10,6 @@ run, so ratios are meaningful even on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchio import print_rows, write_json
 
 from statetune.model.checkpoint import load_model
 from statetune.model.random_init import random_checkpoint
@@ -189,11 +189,8 @@ def main() -> None:
         rows += [("rwkv package prefill (tokens/s)",
                   f"{ref_prefill:.0f} (ours {args.seq / t_prefill / ref_prefill:.1f}x)"),
                  ("rwkv package decode (tokens/s)", f"{ref_decode:.1f} (ours {dec1 / ref_decode:.1f}x)")]
-    width = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print_rows(rows)
+    write_json(res, args.out)
     print(f"wrote {args.out}")
 
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchio import write_json
+
 from statetune.data.prepare import PrepareOptions, prepare
 from statetune.tokenizer import get_tokenizer
 
@@ -167,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28} {r['mb']:7.1f} {r['seconds']:7.2f} {r['mb_per_s']:7.1f} "
               f"{r['records_per_s']:10,.0f} {r['tokens_per_s']:11,.0f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "prepare", "mb": args.mb, "threads": args.threads, "cpu_count": os.cpu_count(),
               "python": platform.python_version(), "machine": platform.machine(), "results": rows}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchio import write_json
 
 import statetune
 from statetune.model.random_init import random_checkpoint
@@ -238,8 +239,7 @@ def main() -> None:
               "server_threads": args.server_threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version(), "machine": platform.machine(), "phases": phases,
               "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchio import write_json
 
 from statetune.ops.chunked6 import DEFAULT_CHUNK_SIZE6, wkv6_chunked
 from statetune.ops.chunked7 import DEFAULT_CHUNK_SIZE7, wkv7_chunked
@@ -133,12 +133,11 @@ def main() -> None:
     print("fwd+bwd: gradients of every input; state-grad: only the initial state requires grad (state "
           "tuning); fwd: no grad")
     print("(* = default chunk size)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "threads": args.threads, "shape": shape, "repeats": args.repeats,
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}   # others' work skews timings
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    write_json({"meta": meta, "results": results}, args.out)
     print(f"wrote {args.out}")
 
 

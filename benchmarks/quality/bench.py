@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from benchio import write_json
 
 from statetune.data.loader import TokenDataset
 from statetune.evaluate.loss import dataset_loss
@@ -128,7 +129,7 @@ class Bench:
 
     def save(self) -> None:
         self.results["elapsed_s"] = time.perf_counter() - self.t0
-        report.write_json(self.results, self.args.json)
+        write_json(self.results, self.args.json, indent=1)
         report.plot_curves(self.results, self.args.curves)
         report.write_report(self.results, self.args.report, os.path.relpath(self.args.curves,
                                                                               self.args.report.parent))

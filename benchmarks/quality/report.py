@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from pathlib import Path
 
@@ -22,14 +20,6 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
             out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                         "n": len(vals)}
     return out
-
-
-def write_json(results: dict, path: Path) -> None:
-    """Write atomically, so a run stopped midway leaves the last complete snapshot."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt(s: dict | None, key: str, digits: int) -> str:
