@@ -50,11 +50,7 @@ class Run:
         self.tunable = TunableState(initial_state(opts, self.model, self.tokenizer), opts.param, opts.tune_shift,
                                     opts.encoder_scope, opts.encoder_in, opts.encoder_hidden, opts.seed)
         self.tunable.to(self.model.device)
-        named = [(n, p) for n, p in self.tunable.named_parameters() if p.requires_grad]
-        shift = [p for n, p in named if n in ("att_shift", "ffn_shift")]
-        groups = [{"params": [p for n, p in named if n not in ("att_shift", "ffn_shift")], "lr_scale": 1.0}]
-        if shift:
-            groups.append({"params": shift, "lr_scale": opts.shift_lr_scale})
+        groups = self.tunable.param_groups(opts.shift_lr_scale)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2),
                                            weight_decay=opts.weight_decay)

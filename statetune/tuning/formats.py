@@ -22,7 +22,15 @@ import torch
 
 from statetune.errors import StateFileError
 from statetune.model.state import RWKVState
-from statetune.tuning.statefile import WKV_KEY, StateFile, atomic_write, from_tensors, load_state, save_state
+from statetune.tuning.statefile import (
+    AI00_FORMAT,
+    WKV_KEY,
+    StateFile,
+    atomic_write,
+    from_tensors,
+    load_state,
+    save_state,
+)
 
 FORMATS = ("statetune", "pth", "list", "ai00")
 log = logging.getLogger("statetune.state")
@@ -88,8 +96,6 @@ def write_as(sf: StateFile, path: str | Path, fmt: str, model=None) -> None:
         atomic_write(path, lambda tmp: torch.save(wkv, tmp))
     elif fmt == "ai00":
         from safetensors.torch import save_file
-
-        from statetune.tuning.statefile import AI00_FORMAT
 
         big = max(t.abs().max().item() for t in wkv.values())
         if not big < torch.finfo(torch.float16).max:

@@ -95,5 +95,14 @@ class TunableState(nn.Module):
         """Whether the produced state has token-shift vectors worth saving."""
         return self.tune_shift or bool(self.base_att.any() or self.base_ffn.any())
 
+    def param_groups(self, shift_lr_scale: float = 1.0) -> list[dict]:
+        """Optimizer groups: the WKV state (or encoder) at the run's rate, then the token-shift vectors (when
+        trained) at ``shift_lr_scale`` times it; ``lr_scale`` is read by the training loop's schedule."""
+        groups = [{"params": [self.wkv] if self.param == Param.direct else list(self.encoder.parameters()),
+                   "lr_scale": 1.0}]
+        if self.tune_shift:
+            groups.append({"params": [self.att_shift, self.ffn_shift], "lr_scale": shift_lr_scale})
+        return groups
+
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
