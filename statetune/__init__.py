@@ -1,9 +1,8 @@
 """statetune: state tuning for RWKV language models."""
 
-__version__ = "0.1.0"
-
-from statetune.model.checkpoint import load_model  # noqa: E402
-from statetune.model.state import RWKVState  # noqa: E402
-from statetune.tuning.statefile import load_state, save_state  # noqa: E402
+from statetune._version import __version__
+from statetune.model.checkpoint import load_model
+from statetune.model.state import RWKVState
+from statetune.tuning.statefile import load_state, save_state
 
 __all__ = ["RWKVState", "__version__", "load_model", "load_state", "save_state"]

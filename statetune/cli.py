@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from statetune import __version__
+from statetune._version import __version__
 from statetune.errors import StatetuneError
 from statetune.options import add_arguments, from_namespace
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from statetune.errors import OptionError, StateFileError
+from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
 from statetune.tuning.formats import FORMATS, read_any, write_as
-from statetune.tuning.statefile import StateFile, atomic_write, check_fits, save_state
+from statetune.tuning.statefile import StateFile, check_fits, save_state
 
 log = logging.getLogger("statetune.state")
 

@@ -12,7 +12,7 @@ from statetune.errors import OptionError
 from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
 from statetune.evaluate.report import markdown_report
-from statetune.tuning.statefile import atomic_write
+from statetune.fileio import atomic_write
 
 log = logging.getLogger("statetune.eval")
 

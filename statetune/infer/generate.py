@@ -265,7 +265,7 @@ def _many(opts: GenerateOptions, setup: Setup, records: list[tuple[dict[str, Any
           strings: list[str], ids: list[int]) -> None:
     from tqdm import tqdm
 
-    from statetune.tuning.statefile import atomic_write
+    from statetune.fileio import atomic_write
 
     def run(tmp: str) -> None:
         engine = Engine(setup.model, setup.tokenizer, max_batch_size=opts.batch_size)

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from statetune import __version__
+from statetune._version import __version__
 from statetune.infer.sampling import SamplingParams
 from statetune.serve import prompts as P
 from statetune.serve.errors import ApiError, error_body

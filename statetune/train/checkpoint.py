@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from statetune.tuning.statefile import atomic_write
+from statetune.fileio import atomic_write
 
 _NAME = re.compile(r"step-(\d+)\.pt$")
 

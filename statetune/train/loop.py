@@ -15,6 +15,7 @@ from tqdm import tqdm
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
 from statetune.errors import CheckpointError
 from statetune.evaluate.loss import dataset_loss
+from statetune.fileio import atomic_write
 from statetune.infer.greedy import greedy_continue
 from statetune.model.checkpoint import load_model
 from statetune.options import to_toml
@@ -25,7 +26,7 @@ from statetune.train.metrics import MetricsLog
 from statetune.train.options import TrainOptions
 from statetune.train.schedule import lr_at
 from statetune.train.setup import dataset_meta, initial_state, pick_tokenizer, resolve_dtype, resumed_options
-from statetune.tuning.statefile import atomic_write, save_state
+from statetune.tuning.statefile import save_state
 from statetune.tuning.tunable import TunableState
 
 __all__ = ["TrainOptions", "train"]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from statetune.tuning.statefile import atomic_write
+from statetune.fileio import atomic_write
 
 
 class MetricsLog:

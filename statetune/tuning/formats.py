@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from statetune.errors import StateFileError
+from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
 from statetune.tuning.statefile import (
     AI00_FORMAT,
     WKV_KEY,
     StateFile,
-    atomic_write,
     from_tensors,
     load_state,
     save_state,

@@ -7,16 +7,15 @@ file; statetune adds optional token-shift tensors and metadata (see DESIGN.md).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from statetune import __version__
+from statetune._version import __version__
 from statetune.errors import StateFileError
+from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
 
 FORMAT = "statetune-state/1"
@@ -39,20 +38,6 @@ def model_metadata(model) -> dict[str, Any]:
     cfg = model.config
     return {"model_version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
             "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "model_fingerprint": model.fingerprint()}
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_state(path: str | Path, state: RWKVState, model=None, metadata: dict[str, Any] | None = None,
