@@ -7,11 +7,10 @@ when the whole run succeeded, so a bad record never leaves a half-written datase
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from statetune.data.pipeline import ChunkResult, ChunkRunner, EncodeConfig, cpu_
 from statetune.data.readers import Item, parse_json_line, read_items
 from statetune.data.report import InputReport, Totals, build_meta, summary
 from statetune.errors import CheckpointError, DataError, OptionError
+from statetune.fileio import AtomicGroup
 from statetune.tokenizer import Tokenizer, get_tokenizer, tokenizer_name_for_vocab
 
 CHUNK_ITEMS = 2000
@@ -262,23 +262,18 @@ def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
 
 
 class _Outputs:
-    """Temporary output files beside their destinations; ``commit`` renames them into place, else removed."""
+    """Temporary output files beside their destinations; ``commit`` replaces every destination or none."""
 
     def __init__(self, train: Path, val: Path | None, meta: Path) -> None:
-        self._final: list[Path] = []
-        self._tmp: list[Path] = []
+        self._group = AtomicGroup([p for p in (train, val, meta) if p is not None])
         self._files: list[IO[str]] = []
-        self.train = self._open(train)
-        self.val = self._open(val) if val is not None else None
-        self.meta = self._open(meta)
+        temps = iter(self._group.temps)
+        self.train = self._open(next(temps))
+        self.val = self._open(next(temps)) if val is not None else None
+        self.meta = self._open(next(temps))
 
-    def _open(self, path: Path) -> IO[str]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        self._final.append(path)
-        self._tmp.append(Path(tmp))
-        fh = os.fdopen(fd, "w", encoding="utf-8", newline="\n", buffering=1 << 20)
+    def _open(self, tmp: Path) -> IO[str]:
+        fh = open(tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20)  # noqa: SIM115 (closed in commit)
         self._files.append(fh)
         return fh
 
@@ -289,25 +284,17 @@ class _Outputs:
 
     def commit(self) -> None:
         for fh in self._files:
-            fh.close()
-        for tmp, final in zip(self._tmp, self._final, strict=True):
-            os.replace(tmp, final)
-        self._tmp = []
+            fh.close()  # may raise (a full disk shows at the last flush): then nothing is replaced
+        self._group.commit()
 
     def __enter__(self) -> _Outputs:
         return self
 
     def __exit__(self, *exc: object) -> None:
         for fh in self._files:
-            fh.close()
-        for tmp in self._tmp:
-            tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._group.discard()
 
 
 def _progress(total_bytes: int) -> Any:
