@@ -67,7 +67,7 @@ def _os_message(exc: OSError) -> str:
     reason = exc.strerror or type(exc).__name__
     if exc.errno == errno.ENOSPC:
         reason = "no space left on device (nothing was replaced)"
-    elif exc.errno == errno.ENOTDIR:
-        reason = "a parent of this path is a file, not a directory"
+    elif exc.errno == errno.EROFS:
+        reason = "read-only file system"
     where = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
     return f"{' -> '.join(where)}: {reason}" if where else f"{reason}"

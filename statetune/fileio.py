@@ -13,6 +13,7 @@ every destination is replaced, or none is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,7 +30,7 @@ def umask() -> int:
 def temp_beside(path: str | Path) -> Path:
     """A new empty temporary file in ``path``'s directory (created there; normal permissions)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(p)
     remove_stale_temps(p)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp")
     try:
@@ -37,6 +38,16 @@ def temp_beside(path: str | Path) -> Path:
     finally:
         os.close(fd)
     return Path(tmp)
+
+
+def make_parent(path: Path) -> None:
+    """Create ``path``'s directory; a file in the way is an error that names it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), path.parent)
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write here: {blocker} is a file, not a directory",
+                                 str(path)) from None
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:

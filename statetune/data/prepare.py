@@ -22,7 +22,7 @@ from statetune.data.fields import RecordError, Template, field_names, unescape
 from statetune.data.formats import DETECTABLE, Format, detect_format, resolve_eos
 from statetune.data.pipeline import ChunkResult, ChunkRunner, EncodeConfig, cpu_count
 from statetune.data.readers import Item, parse_json_line, read_items
-from statetune.data.report import InputReport, Totals, build_meta, summary
+from statetune.data.report import InputReport, Totals, build_meta, require_records, summary
 from statetune.errors import CheckpointError, DataError, OptionError
 from statetune.fileio import AtomicGroup
 from statetune.tokenizer import Tokenizer, get_tokenizer, tokenizer_name_for_vocab
@@ -138,10 +138,7 @@ def prepare(opts: PrepareOptions) -> int:
             _progress(total_bytes) as bar:
         for path, report in zip(paths, reports, strict=True):
             _prepare_file(path, opts, tokenizer, runner, files, totals, report, bar)
-        if not totals.records:
-            first = f"; first: {totals.skipped_examples[0]}" if totals.skipped_examples else ""
-            raise DataError(f"no valid records in {', '.join(map(str, paths))} "
-                            f"({totals.skipped} skipped{first})")
+        require_records(totals, paths, opts.val_fraction, opts.split_by)
         meta = build_meta(
             tokenizer=tokenizer, inputs=reports, totals=totals, outputs=names,
             prompt_template=_unescaped(opts.prompt_template),
@@ -267,15 +264,14 @@ class _Outputs:
     def __init__(self, train: Path, val: Path | None, meta: Path) -> None:
         self._group = AtomicGroup([p for p in (train, val, meta) if p is not None])
         self._files: list[IO[str]] = []
-        temps = iter(self._group.temps)
-        self.train = self._open(next(temps))
-        self.val = self._open(next(temps)) if val is not None else None
-        self.meta = self._open(next(temps))
-
-    def _open(self, tmp: Path) -> IO[str]:
-        fh = open(tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20)  # noqa: SIM115 (closed in commit)
-        self._files.append(fh)
-        return fh
+        try:
+            for tmp in self._group.temps:
+                self._files.append(open(tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20))  # noqa: SIM115
+        except BaseException:
+            self.__exit__()
+            raise
+        self.train, self.meta = self._files[0], self._files[-1]
+        self.val = self._files[1] if val is not None else None
 
     def write(self, result: ChunkResult) -> None:
         self.train.write("".join(result.train))
