@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -109,8 +110,50 @@ def fsync_dir(path: str | Path) -> None:
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
-    with AtomicGroup([path]) as group:
-        write(str(group.temps[0]))
+    with AtomicGroup([path]) as group, group.naming_destinations():
+        tmp = str(group.temps[0])
+        try:
+            write(tmp)
+        except Exception as e:
+            io_error = as_os_error(e, tmp)
+            if io_error is None:
+                raise
+            raise io_error from e
+
+
+def as_os_error(exc: Exception, path: str) -> OSError | None:
+    """The ``OSError`` behind a writer library's own error (safetensors, torch.save), if there is one.
+
+    Those libraries report a full disk as their own exception types (``(os error 28)``, or a failed
+    ``inline_container`` check); so that the CLI can say what happened, a failed write on a file system with
+    no space left is reported as ``ENOSPC``.
+    """
+    if isinstance(exc, OSError):
+        return None
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    code = int(m.group(1)) if m else None
+    if code is None:
+        try:
+            st = os.statvfs(os.path.dirname(path) or ".")
+        except (OSError, AttributeError):
+            return None
+        if st.f_bavail > 0:
+            return None
+        code = errno.ENOSPC
+    return OSError(code, os.strerror(code), path)
+
+
+def _renamed(exc: OSError, names: dict[str, str]) -> OSError:
+    """``exc`` naming the destination a temporary file stands for (what the user asked to write)."""
+    if exc.filename is None:  # a failed write or close on a file object: it names no file
+        where: str | None = ", ".join(names.values())
+    else:
+        where = names.get(os.fsdecode(exc.filename))
+    if not where:
+        return exc
+    new = type(exc)(exc.errno, exc.strerror, where)
+    new.__traceback__ = exc.__traceback__
+    return new
 
 
 class AtomicGroup:
@@ -127,19 +170,31 @@ class AtomicGroup:
         self._open = True
         try:
             for p in self.finals:
-                self.temps.append(temp_beside(p))
+                try:
+                    self.temps.append(temp_beside(p))
+                except OSError as e:
+                    raise _renamed(e, {os.fsdecode(e.filename or ""): str(p)}) from None
         except BaseException:
             self.discard()
             raise
+
+    @contextlib.contextmanager
+    def naming_destinations(self) -> Iterator[None]:
+        """Inside this block an ``OSError`` about a temporary file is re-raised naming its destination."""
+        try:
+            yield
+        except OSError as e:
+            raise _renamed(e, {str(t): str(f) for t, f in zip(self.temps, self.finals, strict=True)}) from None
 
     def commit(self) -> None:
         """Sync every temporary file and rename them all into place (rolled back if a rename fails)."""
         if not self._open:
             return
         try:
-            for tmp in self.temps:
-                fsync_file(tmp)
-            _commit(self.temps, self.finals)
+            with self.naming_destinations():
+                for tmp in self.temps:
+                    fsync_file(tmp)
+                _commit(self.temps, self.finals)
         finally:
             self.discard()
 

@@ -7,7 +7,6 @@ when the whole run succeeded, so a bad record never leaves a half-written datase
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import sys
@@ -16,15 +15,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from statetune.data.fields import RecordError, Template, field_names, unescape
 from statetune.data.formats import DETECTABLE, Format, detect_format, resolve_eos
-from statetune.data.pipeline import ChunkResult, ChunkRunner, EncodeConfig, cpu_count
+from statetune.data.outputs import Outputs
+from statetune.data.pipeline import ChunkRunner, EncodeConfig, cpu_count
 from statetune.data.readers import Item, parse_json_line, read_items
 from statetune.data.report import InputReport, Totals, build_meta, require_records, summary
 from statetune.errors import CheckpointError, DataError, OptionError
-from statetune.fileio import AtomicGroup
 from statetune.tokenizer import Tokenizer, get_tokenizer, tokenizer_name_for_vocab
 
 CHUNK_ITEMS = 2000
@@ -134,7 +133,7 @@ def prepare(opts: PrepareOptions) -> int:
     totals, reports = Totals(), [InputReport(str(p)) for p in paths]
     outputs = {"train": str(train_path), "val": str(val_path) if val_path else None, "meta": str(meta_path)}
     names = {"train": train_path.name, "val": val_path.name if val_path else None}
-    with _Outputs(train_path, val_path, meta_path) as files, ChunkRunner(workers) as runner, \
+    with Outputs(train_path, val_path, meta_path) as files, ChunkRunner(workers) as runner, \
             _progress(total_bytes) as bar:
         for path, report in zip(paths, reports, strict=True):
             _prepare_file(path, opts, tokenizer, runner, files, totals, report, bar)
@@ -173,7 +172,7 @@ def _unescaped(template: str | None) -> str | None:
 
 
 def _prepare_file(path: Path, opts: PrepareOptions, tokenizer: Tokenizer, runner: ChunkRunner,
-                  files: _Outputs, totals: Totals, report: InputReport, bar: Any) -> None:
+                  files: Outputs, totals: Totals, report: InputReport, bar: Any) -> None:
     """Detect the file's format (unless forced), then encode it chunk by chunk into the outputs."""
     items = read_items(path)
     fmt: Format | None = opts.format
@@ -256,41 +255,6 @@ def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
-
-
-class _Outputs:
-    """Temporary output files beside their destinations; ``commit`` replaces every destination or none."""
-
-    def __init__(self, train: Path, val: Path | None, meta: Path) -> None:
-        self._group = AtomicGroup([p for p in (train, val, meta) if p is not None])
-        self._files: list[IO[str]] = []
-        try:
-            for tmp in self._group.temps:
-                self._files.append(open(tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20))  # noqa: SIM115
-        except BaseException:
-            self.__exit__()
-            raise
-        self.train, self.meta = self._files[0], self._files[-1]
-        self.val = self._files[1] if val is not None else None
-
-    def write(self, result: ChunkResult) -> None:
-        self.train.write("".join(result.train))
-        if self.val is not None:
-            self.val.write("".join(result.val))
-
-    def commit(self) -> None:
-        for fh in self._files:
-            fh.close()  # may raise (a full disk shows at the last flush): then nothing is replaced
-        self._group.commit()
-
-    def __enter__(self) -> _Outputs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fh in self._files:
-            with contextlib.suppress(OSError):
-                fh.close()
-        self._group.discard()
 
 
 def _progress(total_bytes: int) -> Any:
