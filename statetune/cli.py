@@ -11,11 +11,17 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 
 from statetune._version import __version__
-from statetune.errors import StatetuneError
+from statetune.errors import USAGE, explain
+from statetune.interrupts import handle_sigterm, terminated
 from statetune.options import add_arguments, from_namespace
+
+DEBUG_HELP = "Show the full traceback of an error (also: environment STATETUNE_DEBUG=1)."
+BUG_REPORT = ("this is a bug in statetune {version}, not something you did wrong; please report it with the "
+              "command you ran and the traceback above")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser: one subcommand per entry of ``COMMANDS``."""
     parser = argparse.ArgumentParser(prog="statetune", description="State tuning for RWKV language models.")
     parser.add_argument("--version", action="version", version=f"statetune {__version__}")
+    parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         if isinstance(cmd, dict):
@@ -86,6 +93,7 @@ def _add_command(sub, name: str, cmd: Command) -> None:
     p = sub.add_parser(name, help=cmd.summary, description=(opts_cls.__doc__ or cmd.summary).strip())
     p.add_argument("--config", help="TOML file of options; command-line flags override it.", default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     add_arguments(p, opts_cls)
 
 
@@ -98,33 +106,55 @@ def resolve(ns: argparse.Namespace) -> tuple[str, Command]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``statetune`` console script."""
+    """Entry point of the ``statetune`` console script; returns the exit status.
+
+    The one error boundary: an expected failure (see :func:`statetune.errors.explain`) is one line on
+    stderr and exit status 2 (usage) or 1 (runtime); an interrupt (Ctrl-C or SIGTERM) is 130 or 143; a bug
+    in statetune shows its traceback and asks for a report. ``--debug`` shows every traceback.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(argv)  # a usage error here: argparse prints it and exits with status 2
+    debug = ns.__dict__.pop("debug", False) or os.environ.get("STATETUNE_DEBUG", "") not in ("", "0")
     threads = ns.__dict__.pop("threads", None)
+    name, cmd = resolve(ns)
     if threads is not None:
         if threads < 1:
-            parser.error(f"--threads: must be at least 1, got {threads}")
+            print(f"statetune {name}: error: --threads: must be at least 1, got {threads}", file=sys.stderr)
+            return USAGE
         import torch
 
         torch.set_num_threads(threads)
-    name, cmd = resolve(ns)
     ns.__dict__.pop("subcommand", None)
     opts_cls, fn = cmd.load()
+    restore = handle_sigterm()
     try:
         opts = from_namespace(opts_cls, ns, ns.config)
         result = fn(opts)
-    except StatetuneError as e:
-        print(f"statetune {name}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"statetune {name}: interrupted", file=sys.stderr)
-        return 130
+        print(f"statetune {name}: {'terminated' if terminated() else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated() else 130
     except BrokenPipeError:  # the reader went away (`statetune ... | head`): stop quietly, as Unix tools do
         _silence_stdout()
         return 141
+    except Exception as e:  # the boundary: every expected failure becomes one line
+        return _report(name, e, debug)
+    finally:
+        restore()
     return result if isinstance(result, int) else 0
+
+
+def _report(name: str, exc: Exception, debug: bool) -> int:
+    """Print an error the way :func:`main` promises; returns the exit status."""
+    expected = explain(exc)
+    if debug or expected is None:
+        traceback.print_exception(exc, file=sys.stderr)
+    if expected is None:
+        print(f"statetune {name}: error: {BUG_REPORT.format(version=__version__)}", file=sys.stderr)
+        return 1
+    message, code = expected
+    print(f"statetune {name}: error: {message}", file=sys.stderr)
+    return code
 
 
 def _silence_stdout() -> None:

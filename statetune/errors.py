@@ -1,8 +1,18 @@
-"""User-facing errors: each says what was expected, what was found, and where."""
+"""User-facing errors: each says what was expected, what was found, and where.
+
+Every error a user can cause derives from :class:`StatetuneError`; the CLI prints it as one line and exits
+with its ``exit_code``: 2 for a usage error (a flag or option value), 1 for a runtime failure (a file that
+cannot be read or written, a record that is malformed, a state that does not fit).
+"""
+
+USAGE = 2
+RUNTIME = 1
 
 
 class StatetuneError(Exception):
     """An error caused by user input (a file, a flag, a record); the CLI prints it without a traceback."""
+
+    exit_code = RUNTIME
 
 
 class CheckpointError(StatetuneError):
@@ -16,6 +26,48 @@ class DataError(StatetuneError):
 class OptionError(StatetuneError):
     """A command-line or config option with an invalid value; the message names the flag."""
 
+    exit_code = USAGE
+
 
 class StateFileError(StatetuneError):
     """A state file that cannot be read or does not fit the model."""
+
+
+def explain(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code of an expected failure, or None for a bug in statetune.
+
+    Expected are statetune's own errors and what the outside world does to a command: a path that cannot
+    be written or read (permissions, a read-only file system, a parent that is a file, a full disk), and
+    input that cannot be decoded (not UTF-8, invalid JSON or TOML, JSON nested too deep to parse).
+    """
+    import json
+    import tomllib
+
+    if isinstance(exc, StatetuneError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError):
+        return _os_message(exc), RUNTIME
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input is not valid UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} at {exc.start})", RUNTIME
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", RUNTIME
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return f"invalid TOML: {exc}", RUNTIME
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to read", RUNTIME
+    if isinstance(exc, MemoryError):
+        return "out of memory", RUNTIME
+    return None
+
+
+def _os_message(exc: OSError) -> str:
+    import errno
+    import os
+
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on device (nothing was replaced)"
+    elif exc.errno == errno.EROFS:
+        reason = "read-only file system"
+    where = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(where)}: {reason}" if where else f"{reason}"

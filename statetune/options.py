@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import tomllib
 import types
 import typing
@@ -85,11 +86,29 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
         if typing.get_origin(tp) is list and not isinstance(value, list):
             raise TypeError(f"expected a list, got {type(value).__name__}")
+        if typing.get_origin(tp) is list and typing.get_args(tp) == (float,):
+            value = [_finite(float(v) if isinstance(v, int) and not isinstance(v, bool) else v) for v in value]
+        elif tp is float:
+            value = _finite(value)
+        if tp in (str, Path) and str(value) == "" and flag(name) in EMPTY_IS_WRONG:
+            raise ValueError("a file name cannot be empty")
     except (ValueError, TypeError) as e:
         choices = ""
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             choices = f" (choose from {', '.join(m.value for m in tp)})"
         raise OptionError(f"{flag(name)}: invalid value {value!r}{choices}: {e}") from None
+    return value
+
+
+#: Path options for which an empty string is a mistake (an output ``''`` would mean the current directory).
+EMPTY_IS_WRONG = frozenset({"--out", "--output", "--input", "--model", "--state", "--init", "--train-data",
+                            "--val-data", "--resume", "--data"})
+
+
+def _finite(value: Any) -> Any:
+    """``value`` if it is a finite float: NaN or infinity is never a meaningful option value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
     return value
 
 

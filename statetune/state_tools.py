@@ -11,8 +11,8 @@ import torch
 from statetune.errors import OptionError, StateFileError
 from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
-from statetune.tuning.formats import FORMATS, read_any, write_as
-from statetune.tuning.statefile import StateFile, check_fits, save_state
+from statetune.tuning.formats import FORMATS, format_for, read_any, write_as
+from statetune.tuning.statefile import StateFile, check_fits
 
 log = logging.getLogger("statetune.state")
 
@@ -74,10 +74,7 @@ class ConvertOptions:
                                                          "fingerprint when writing statetune files)."))
 
     def __post_init__(self) -> None:
-        if not self.to:
-            self.to = "statetune" if self.output.endswith(".safetensors") else "pth"
-        if self.to not in FORMATS:
-            raise OptionError(f"--to: unknown format {self.to!r}; choose from {', '.join(FORMATS)}")
+        self.to = format_for(self.output, self.to, "OUTPUT")
 
 
 def convert(opts: ConvertOptions) -> int:
@@ -129,9 +126,13 @@ class CaptureOptions:
 
     model: str = field(metadata=_h("Base model checkpoint."))
     prompt: str = field(metadata=_h("Text to read (\\n escapes are interpreted)."))
-    out: str = field(metadata=_h("State file to write (.safetensors)."))
+    out: str = field(metadata=_h("State file to write: .safetensors (statetune, keeps the token-shift states) "
+                                 "or .pth (RWKV-Runner, WKV states only)."))
     tokenizer: str = field(default="auto", metadata=_h("world, bytes, or auto (from the vocabulary size)."))
     device: str = field(default="cpu", metadata=_h("Torch device."))
+
+    def __post_init__(self) -> None:
+        format_for(self.out, None, "--out")
 
 
 def capture(opts: CaptureOptions) -> int:
@@ -145,7 +146,8 @@ def capture(opts: CaptureOptions) -> int:
         raise OptionError("--prompt: the prompt tokenizes to nothing")
     with torch.no_grad():
         _, state = model(torch.tensor([ids], device=model.device), None, last_only=True)
-    save_state(opts.out, state, model, {"tokenizer": tok.name, "captured_prompt": text}, with_shift=True)
+    sf = StateFile(state, {"tokenizer": tok.name, "captured_prompt": text}, has_shift=True)
+    write_as(sf, opts.out, format_for(opts.out, None, "--out"), model)
     print(f"wrote {opts.out} (state after {len(ids)} tokens)")
     return 0
 
@@ -156,7 +158,7 @@ class AverageOptions:
     """Interpolate states of the same model: sum of weight_i * state_i (task arithmetic)."""
 
     states: list[str] = field(metadata=_h("State files to combine.", positional=True))
-    out: str = field(metadata=_h("State file to write (.safetensors)."))
+    out: str = field(metadata=_h("State file to write (.safetensors for statetune, .pth for RWKV-Runner)."))
     weights: list[float] | None = field(default=None, metadata=_h("One weight per state (default: equal, "
                                                                   "summing to 1)."))
     model: str | None = field(default=None, metadata=_h("Check every state against this model."))
@@ -166,6 +168,7 @@ class AverageOptions:
             raise OptionError("STATES: give at least one state file")
         if self.weights is not None and len(self.weights) != len(self.states):
             raise OptionError(f"--weights: {len(self.weights)} weights for {len(self.states)} states")
+        format_for(self.out, None, "--out")
 
 
 def average(opts: AverageOptions) -> int:
@@ -186,6 +189,7 @@ def average(opts: AverageOptions) -> int:
                         for ts in zip(*(f.state.tensors() for f in files), strict=True)))
     meta = {k: v for k, v in first.metadata.items() if k not in ("format", "statetune_version", "trained")}
     meta["averaged"] = {"states": [Path(p).name for p in opts.states], "weights": weights}
-    write_as(StateFile(mixed, meta, any(f.has_shift for f in files)), opts.out, "statetune", model)
+    write_as(StateFile(mixed, meta, any(f.has_shift for f in files)), opts.out, format_for(opts.out, None, "--out"),
+             model)
     print(f"wrote {opts.out}")
     return 0

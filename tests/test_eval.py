@@ -64,7 +64,7 @@ def test_errors(trained, tmp_path, capsys):
     model, va, _ = trained
     assert main(["eval", "--data", str(va)]) == 2
     assert "--model" in capsys.readouterr().err
-    assert main(["eval", "--model", str(model), "--data", str(va), "--state", str(tmp_path / "no.safetensors")]) == 2
+    assert main(["eval", "--model", str(model), "--data", str(va), "--state", str(tmp_path / "no.safetensors")]) == 1
     assert "no such state file" in capsys.readouterr().err
-    assert main(["eval", "--plot", str(tmp_path)]) == 2
+    assert main(["eval", "--plot", str(tmp_path)]) == 1
     assert "metrics.jsonl" in capsys.readouterr().err

@@ -286,6 +286,6 @@ def test_cli_input_out_batched(tuned, tmp_path, capsys):
     assert main(common + ["--prompt", "bb"]) == 0
     assert capsys.readouterr().out == rows[1]["generated"]
     src.write_text(json.dumps({"mr": "a"}) + "\n" + json.dumps({"other": 1}) + "\n")
-    assert main(common + ["--input", str(src), "--out", str(tmp_path / "bad.jsonl")]) == 2
+    assert main(common + ["--input", str(src), "--out", str(tmp_path / "bad.jsonl")]) == 1
     assert "in.jsonl:2: field 'mr': missing" in capsys.readouterr().err
     assert not (tmp_path / "bad.jsonl").exists()

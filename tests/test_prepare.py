@@ -403,7 +403,7 @@ def test_cli_smoke(tmp_path, capsys):
     row = read_jsonl(tmp_path / "e2e_tok.jsonl") + read_jsonl(tmp_path / "e2e_tok.val.jsonl")
     assert W.decode(row[0]["text"]) == "Input: name[Alimentum]\n\nResponse: Alimentum is nice."
     assert "p50" in capsys.readouterr().err
-    assert main(["prepare", str(src), "--out", str(out), "--completion-template", " {missing}"]) == 2
+    assert main(["prepare", str(src), "--out", str(out), "--completion-template", " {missing}"]) == 1
     assert "e2e.jsonl:1: field 'missing'" in capsys.readouterr().err
 
 

@@ -91,7 +91,7 @@ def test_ai00_refuses_what_float16_cannot_hold(tiny_ckpt, tmp_path, capsys):
     state = _state(model)
     state.wkv[0, 0, 0, 0, 0] = 1e6
     statetune.save_state(tmp_path / "s.safetensors", state, model)
-    assert main(["state", "convert", str(tmp_path / "s.safetensors"), str(tmp_path / "a.st"), "--to", "ai00"]) == 2
+    assert main(["state", "convert", str(tmp_path / "s.safetensors"), str(tmp_path / "a.st"), "--to", "ai00"]) == 1
     assert "float16" in capsys.readouterr().err and not (tmp_path / "a.st").exists()
 
 
@@ -130,17 +130,17 @@ def test_errors(tiny_ckpt, tmp_path, capsys):
     model = statetune.load_model(tiny_ckpt("rwkv7"))
     statetune.save_state(tmp_path / "s.safetensors", _state(model), model)
     (tmp_path / "x.pth").write_bytes(b"garbage")
-    assert main(["state", "info", str(tmp_path / "x.pth")]) == 2
+    assert main(["state", "info", str(tmp_path / "x.pth")]) == 1
     assert "not a readable state file" in capsys.readouterr().err
     torch.save({"something": torch.zeros(2)}, tmp_path / "y.pth")
-    assert main(["state", "info", str(tmp_path / "y.pth")]) == 2
+    assert main(["state", "info", str(tmp_path / "y.pth")]) == 1
     assert "unknown state format" in capsys.readouterr().err
     data = (tmp_path / "s.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
-    assert main(["state", "info", str(tmp_path / "t.safetensors")]) == 2
+    assert main(["state", "info", str(tmp_path / "t.safetensors")]) == 1
     assert "not a readable" in capsys.readouterr().err
     assert main(["state", "merge", "--model", str(tiny_ckpt("rwkv6")), "--state", str(tmp_path / "s.safetensors"),
-                 "--out", str(tmp_path / "m.pth")]) == 2
+                 "--out", str(tmp_path / "m.pth")]) == 1
     assert "different base model" in capsys.readouterr().err
     assert main(["state", "convert", str(tmp_path / "s.safetensors"), str(tmp_path / "o.bin"), "--to", "onnx"]) == 2
     assert "--to" in capsys.readouterr().err

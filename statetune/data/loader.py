@@ -28,6 +28,8 @@ def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
         rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     ids = rec.get("text")

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from statetune.data.fields import RecordError, Template, field_names, unescape
 from statetune.data.formats import DETECTABLE, Format, detect_format, resolve_eos
-from statetune.data.pipeline import ChunkResult, ChunkRunner, EncodeConfig, cpu_count
+from statetune.data.outputs import Outputs
+from statetune.data.pipeline import ChunkRunner, EncodeConfig, cpu_count
 from statetune.data.readers import Item, parse_json_line, read_items
-from statetune.data.report import InputReport, Totals, build_meta, summary
+from statetune.data.report import InputReport, Totals, build_meta, require_records, summary
 from statetune.errors import CheckpointError, DataError, OptionError
 from statetune.tokenizer import Tokenizer, get_tokenizer, tokenizer_name_for_vocab
 
@@ -134,14 +133,11 @@ def prepare(opts: PrepareOptions) -> int:
     totals, reports = Totals(), [InputReport(str(p)) for p in paths]
     outputs = {"train": str(train_path), "val": str(val_path) if val_path else None, "meta": str(meta_path)}
     names = {"train": train_path.name, "val": val_path.name if val_path else None}
-    with _Outputs(train_path, val_path, meta_path) as files, ChunkRunner(workers) as runner, \
+    with Outputs(train_path, val_path, meta_path) as files, ChunkRunner(workers) as runner, \
             _progress(total_bytes) as bar:
         for path, report in zip(paths, reports, strict=True):
             _prepare_file(path, opts, tokenizer, runner, files, totals, report, bar)
-        if not totals.records:
-            first = f"; first: {totals.skipped_examples[0]}" if totals.skipped_examples else ""
-            raise DataError(f"no valid records in {', '.join(map(str, paths))} "
-                            f"({totals.skipped} skipped{first})")
+        require_records(totals, paths, opts.val_fraction, opts.split_by)
         meta = build_meta(
             tokenizer=tokenizer, inputs=reports, totals=totals, outputs=names,
             prompt_template=_unescaped(opts.prompt_template),
@@ -176,7 +172,7 @@ def _unescaped(template: str | None) -> str | None:
 
 
 def _prepare_file(path: Path, opts: PrepareOptions, tokenizer: Tokenizer, runner: ChunkRunner,
-                  files: _Outputs, totals: Totals, report: InputReport, bar: Any) -> None:
+                  files: Outputs, totals: Totals, report: InputReport, bar: Any) -> None:
     """Detect the file's format (unless forced), then encode it chunk by chunk into the outputs."""
     items = read_items(path)
     fmt: Format | None = opts.format
@@ -259,55 +255,6 @@ def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
-
-
-class _Outputs:
-    """Temporary output files beside their destinations; ``commit`` renames them into place, else removed."""
-
-    def __init__(self, train: Path, val: Path | None, meta: Path) -> None:
-        self._final: list[Path] = []
-        self._tmp: list[Path] = []
-        self._files: list[IO[str]] = []
-        self.train = self._open(train)
-        self.val = self._open(val) if val is not None else None
-        self.meta = self._open(meta)
-
-    def _open(self, path: Path) -> IO[str]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        self._final.append(path)
-        self._tmp.append(Path(tmp))
-        fh = os.fdopen(fd, "w", encoding="utf-8", newline="\n", buffering=1 << 20)
-        self._files.append(fh)
-        return fh
-
-    def write(self, result: ChunkResult) -> None:
-        self.train.write("".join(result.train))
-        if self.val is not None:
-            self.val.write("".join(result.val))
-
-    def commit(self) -> None:
-        for fh in self._files:
-            fh.close()
-        for tmp, final in zip(self._tmp, self._final, strict=True):
-            os.replace(tmp, final)
-        self._tmp = []
-
-    def __enter__(self) -> _Outputs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fh in self._files:
-            fh.close()
-        for tmp in self._tmp:
-            tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _progress(total_bytes: int) -> Any:

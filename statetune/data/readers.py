@@ -52,6 +52,8 @@ def parse_json_line(raw: bytes) -> dict[str, Any]:
         raise RecordError("record", f"invalid UTF-8 at byte {e.start} of the line") from None
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise RecordError("record", "JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         hint = " (a JSON array? expected one JSON object per line)" if text.lstrip().startswith("[") else ""
         raise RecordError("record", f"invalid JSON: {e.msg} at column {e.colno}{hint}") from None
@@ -87,7 +89,7 @@ def read_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
     csv.field_size_limit(2**31 - 1)
     with path.open("rb") as fh:
         feed = _LineFeed(fh)
-        reader = csv.reader(feed, delimiter=delimiter)
+        reader = csv.reader(feed, delimiter=delimiter, strict=True)  # strict: an unclosed quote is an error
         header: list[str] | None = None
         seen = 0
         while True:
@@ -97,6 +99,9 @@ def read_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
             except StopIteration:
                 return
             except csv.Error as e:
+                if "end of data" in str(e):
+                    raise DataError(f"{path}:{start}: a quoted field opened in the record starting on this line "
+                                    "is never closed (unterminated '\"')") from None
                 raise DataError(f"{path}:{start}: unreadable CSV ({e}); cannot continue past it") from None
             nbytes, seen = feed.bytes_read - seen, feed.bytes_read
             if not row or all(not cell.strip() for cell in row):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from statetune.data.fields import Template
@@ -22,6 +23,7 @@ from statetune.data.formats import (
     Format,
 )
 from statetune.data.pipeline import EXAMPLES, ChunkResult
+from statetune.errors import DataError
 from statetune.tokenizer import Tokenizer
 
 META_SCHEMA = "statetune.prepare/1"
@@ -162,6 +164,17 @@ def build_meta(*, tokenizer: Tokenizer, inputs: list[InputReport], totals: Total
                    "over_max_len": totals.over_max_len},
         "lengths": length_stats(totals.lengths),
     }
+
+
+def require_records(totals: Totals, paths: list[Path], val_fraction: float, split_by: str | None) -> None:
+    """Raise :class:`DataError` unless some valid records reached the training file."""
+    if not totals.records:
+        first = f"; first: {totals.skipped_examples[0]}" if totals.skipped_examples else ""
+        raise DataError(f"no valid records in {', '.join(map(str, paths))} ({totals.skipped} skipped{first})")
+    if not totals.train_records:
+        by = f" grouped by --split-by {split_by}" if split_by else ""
+        raise DataError(f"the split leaves the training set empty: all {totals.val_records} records{by} went to "
+                        f"validation with --val-fraction {val_fraction}; lower it or add data")
 
 
 def summary(totals: Totals, outputs: dict[str, str | None], max_len: int | None, seconds: float,

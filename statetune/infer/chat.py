@@ -16,10 +16,11 @@ from typing import Any
 
 from statetune.data.formats import CHAT_END, Format, normalize_chat
 from statetune.data.report import templates_for
-from statetune.errors import OptionError, StatetuneError
+from statetune.errors import OptionError, StatetuneError, explain
 from statetune.infer.engine import Engine, prefill
 from statetune.infer.generate import ModelOptions, Setup, load_setup, stops
 from statetune.infer.sampling import MAX_SEED, SamplingOptions, SamplingParams
+from statetune.interrupts import terminated
 from statetune.model.state import RWKVState
 
 __all__ = ["ChatOptions", "ChatSession", "chat"]
@@ -115,14 +116,32 @@ class ChatSession:
 
 
 def _lines(interactive: bool):
+    """The user's lines; one that is not valid UTF-8 is reported and skipped (the session goes on)."""
+    number = 0
     while True:
+        number += 1
         try:
-            line = input("User: ") if interactive else sys.stdin.readline()
+            line = input("User: ") if interactive else _read_line()
         except EOFError:
             return
-        if not interactive and not line:
+        except UnicodeDecodeError as e:
+            print(f"error: line {number} is not valid UTF-8 (byte {e.object[e.start:e.start + 1]!r} at "
+                  f"{e.start}); it was skipped", file=sys.stderr)
+            yield None
+            continue
+        if not interactive and line is None:
             return
         yield line.rstrip("\r\n")
+
+
+def _read_line() -> str | None:
+    """One line of piped stdin, decoded strictly as UTF-8; None at the end of input."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # stdin replaced by a text stream (tests, embedding): already decoded
+        line = sys.stdin.readline()
+        return line or None
+    raw = buffer.readline()
+    return raw.decode("utf-8") if raw else None
 
 
 def chat(opts: ChatOptions) -> int:
@@ -137,13 +156,16 @@ def chat(opts: ChatOptions) -> int:
         print(HELP, file=sys.stderr)
     status = 0
     for line in _lines(interactive):
+        if line is None:  # not UTF-8: reported by _lines
+            status = 1
+            continue
         if line.startswith("/") and not line.startswith("//"):
             cmd, _, arg = line.partition(" ")
             try:
                 if not _command(session, cmd, arg.strip()):
                     break
-            except StatetuneError as e:
-                print(f"error: {e}", file=sys.stderr)
+            except (StatetuneError, OSError) as e:  # a failed command never ends the conversation
+                print(f"error: {explain(e)[0]}", file=sys.stderr)
                 status = 1
             continue
         message = line[1:] if line.startswith("//") else line
@@ -155,6 +177,8 @@ def chat(opts: ChatOptions) -> int:
         try:
             session.reply(message, out)
         except KeyboardInterrupt:
+            if terminated():  # SIGTERM ends the session (as Ctrl-C would a command); Ctrl-C drops the turn
+                raise
             print("\n[interrupted; the turn was dropped]", file=sys.stderr)
             continue
         sys.stdout.write("\n\n" if interactive else "\n")

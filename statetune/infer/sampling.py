@@ -90,7 +90,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one so small that float32 (the dtype logits are scaled in) rounds it to 0."""
+        return float(torch.tensor(self.temperature, dtype=torch.float32)) == 0
 
     @property
     def penalized(self) -> bool:

@@ -92,6 +92,14 @@ class TrainOptions:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise OptionError(f"--{name.replace('_', '-')}: must not be negative, got {v}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise OptionError(f"--{name}: AdamW needs a value in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise OptionError(f"--seed: must be in 0..{2**63 - 1}, got {self.seed}")
         if self.init == "prompt" and not self.init_prompt:
             raise OptionError("--init prompt needs --init-prompt TEXT")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):

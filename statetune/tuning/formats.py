@@ -14,70 +14,47 @@
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
-from statetune.errors import StateFileError
+from statetune.errors import OptionError, StateFileError
 from statetune.fileio import atomic_write
-from statetune.model.state import RWKVState
-from statetune.tuning.statefile import (
-    AI00_FORMAT,
-    WKV_KEY,
-    StateFile,
-    from_tensors,
-    load_state,
-    save_state,
-)
+from statetune.tuning.statefile import AI00_FORMAT, WKV_KEY, StateFile, load_state, save_state
 
 FORMATS = ("statetune", "pth", "list", "ai00")
+#: The container each format is written in, and the file extensions that name that container.
+SAFETENSORS_SUFFIXES, TORCH_SUFFIXES = (".safetensors", ".st"), (".pth", ".pt")
+_SUFFIXES = {"statetune": SAFETENSORS_SUFFIXES, "ai00": SAFETENSORS_SUFFIXES, "pth": TORCH_SUFFIXES,
+             "list": TORCH_SUFFIXES}
 log = logging.getLogger("statetune.state")
 
 
 def read_any(path: str | Path, model=None) -> StateFile:
-    """Read a state in any supported format (by extension and content)."""
-    p = Path(path)
-    if p.suffix == ".safetensors" or p.suffix == ".st":
-        return load_state(p, model)
-    if not p.is_file():
-        raise StateFileError(f"{p}: no such state file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise StateFileError(f"{p}: not a readable state file (.pth read with weights_only=True): "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    if isinstance(obj, dict):
-        sf = from_tensors(obj, p, {})
-    elif isinstance(obj, list | tuple):
-        sf = _from_list(list(obj), p)
-    else:
-        raise StateFileError(f"{p}: unknown state format: a {type(obj).__name__}, expected a dict of "
-                             f"time_state tensors or a list [att_shift, wkv, ffn_shift] * layers")
-    if model is not None:
-        from statetune.tuning.statefile import check_fits
-
-        check_fits(sf, model, p)
-        sf.state = sf.state.to(device=model.device, dtype=model.dtype)
-    return sf
+    """Read a state in any supported format; the same reader as :func:`load_state` (kept for callers)."""
+    return load_state(path, model)
 
 
-def _from_list(items: list, where: Path) -> StateFile:
-    if not items or len(items) % 3 or not all(isinstance(t, torch.Tensor) for t in items):
-        raise StateFileError(f"{where}: a list state must hold [att_shift, wkv, ffn_shift] * layers tensors; "
-                             f"got {len(items)} items")
-    L = len(items) // 3
-    try:
-        att = torch.stack([items[3 * i].float().reshape(-1) for i in range(L)]).unsqueeze(1)
-        wkv = torch.stack([items[3 * i + 1].float() for i in range(L)]).unsqueeze(1)
-        ffn = torch.stack([items[3 * i + 2].float().reshape(-1) for i in range(L)]).unsqueeze(1)
-    except RuntimeError as e:
-        raise StateFileError(f"{where}: list state tensors have inconsistent shapes: {e}") from None
-    if wkv.dim() != 5 or wkv.shape[-1] != wkv.shape[-2] or wkv.shape[2] * wkv.shape[3] != att.shape[-1]:
-        raise StateFileError(f"{where}: list state wkv has shape {tuple(wkv.shape[2:])}, expected [H, N, N] with "
-                             f"H*N = {att.shape[-1]}")
-    return StateFile(RWKVState(att, wkv, ffn), {}, True)
+def format_for(path: str | Path, fmt: str | None, flag: str) -> str:
+    """The format to write ``path`` in: ``fmt`` if given, else the one its extension names.
+
+    A safetensors format under a ``.pth`` name (or the reverse) is refused, so no file's name lies about
+    its content: ``.safetensors``/``.st`` → statetune (or ai00), ``.pth``/``.pt`` → pth (or list).
+    """
+    suffix = Path(path).suffix.lower()
+    if not fmt:
+        if suffix in SAFETENSORS_SUFFIXES:
+            return "statetune"
+        if suffix in TORCH_SUFFIXES:
+            return "pth"
+        raise OptionError(f"{flag}: cannot tell the state format from the name {str(path)!r}: end it in "
+                          f".safetensors (statetune) or .pth (RWKV-Runner), or give --to")
+    if fmt not in FORMATS:
+        raise OptionError(f"--to: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if suffix not in _SUFFIXES[fmt]:
+        raise OptionError(f"{flag}: the {fmt} format is written as {' or '.join(_SUFFIXES[fmt])}, not "
+                          f"{suffix or 'a name without an extension'}; rename the output")
+    return fmt
 
 
 def write_as(sf: StateFile, path: str | Path, fmt: str, model=None) -> None:
@@ -85,6 +62,9 @@ def write_as(sf: StateFile, path: str | Path, fmt: str, model=None) -> None:
     if fmt not in FORMATS:
         raise StateFileError(f"unknown state format {fmt!r}; choose from {', '.join(FORMATS)}")
     s = sf.state
+    for name, t in zip(("wkv", "att_shift", "ffn_shift"), (s.wkv, s.att_shift, s.ffn_shift), strict=True):
+        if not bool(torch.isfinite(t).all()):
+            raise StateFileError(f"{path}: not written: the {name} state holds NaN or infinite values")
     if fmt in ("pth", "ai00") and sf.has_shift and bool(s.att_shift.any() or s.ffn_shift.any()):
         log.warning("the %s format holds only the WKV states: the token-shift states are dropped", fmt)
     if fmt == "statetune":

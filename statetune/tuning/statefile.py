@@ -1,13 +1,13 @@
 """State files: ``blocks.{i}.att.time_state`` ``[H, N, N]`` fp32 [value, key] in safetensors.
 
 The key and layout are those of RWKV-PEFT and RWKV-LM, so RWKV-Runner and the ``rwkv`` package read the
-file; statetune adds optional token-shift tensors and metadata (see DESIGN.md).
+file; statetune adds optional token-shift tensors and metadata (see DESIGN.md). :func:`load_state` is the
+one reader every command uses: it reads every format ``state convert`` writes (see ``tuning/reading.py``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +17,18 @@ from statetune._version import __version__
 from statetune.errors import StateFileError
 from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
+from statetune.tuning.keys import (
+    AI00_FORMAT,
+    ATT_SHIFT_KEY,
+    FFN_SHIFT_KEY,
+    FORMAT,
+    WKV_KEY,
+    StateFile,
+)
+from statetune.tuning.reading import from_tensors, is_ai00, read_file
 
-FORMAT = "statetune-state/1"
-WKV_KEY = "blocks.{i}.att.time_state"
-ATT_SHIFT_KEY = "blocks.{i}.att.time_shift"
-FFN_SHIFT_KEY = "blocks.{i}.ffn.time_shift"
-
-
-@dataclass
-class StateFile:
-    """A batch-1 state and its metadata; ``has_shift`` says whether token-shift states were stored."""
-
-    state: RWKVState
-    metadata: dict[str, Any] = field(default_factory=dict)
-    has_shift: bool = False
+__all__ = ["AI00_FORMAT", "ATT_SHIFT_KEY", "FFN_SHIFT_KEY", "FORMAT", "WKV_KEY", "StateFile", "check_fits",
+           "from_tensors", "is_ai00", "load_state", "model_metadata", "save_state"]
 
 
 def model_metadata(model) -> dict[str, Any]:
@@ -51,6 +49,9 @@ def save_state(path: str | Path, state: RWKVState, model=None, metadata: dict[st
         if with_shift:
             tensors[ATT_SHIFT_KEY.format(i=i)] = state.att_shift[i, 0].detach().float().cpu().contiguous()
             tensors[FFN_SHIFT_KEY.format(i=i)] = state.ffn_shift[i, 0].detach().float().cpu().contiguous()
+    for k, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise StateFileError(f"{path}: not written: {k} holds NaN or infinite values")
     meta: dict[str, Any] = {"format": FORMAT, "statetune_version": __version__}
     if model is not None:
         meta.update(model_metadata(model))
@@ -59,87 +60,48 @@ def save_state(path: str | Path, state: RWKVState, model=None, metadata: dict[st
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=str_meta))
 
 
-def _decode_meta(raw: dict[str, str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (raw or {}).items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def load_state(path: str | Path, model=None, check_fingerprint: bool = True) -> StateFile:
-    """Read a state file (statetune's, or any with ``blocks.{i}.att.time_state`` keys).
+    """Read a state file of any supported format, checked completely (see ``tuning/reading.py``).
 
-    With ``model``, the shapes must fit it and a recorded fingerprint must match it; otherwise a
-    :class:`StateFileError` names the file and what differs.
+    With ``model``, the state must fit it (:func:`check_fits`) and is moved to its device and dtype.
     """
-    from safetensors import SafetensorError, safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise StateFileError(f"{p}: no such state file")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            raw_meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise StateFileError(f"{p}: not a readable safetensors state file: {e}") from None
-    meta = _decode_meta(raw_meta)
-    if is_ai00(tensors, meta):
-        tensors = {k: v.transpose(-1, -2) if k.endswith(".att.time_state") else v for k, v in tensors.items()}
-    sf = from_tensors(tensors, p, meta)
+    sf = read_file(path)
     if model is not None:
-        check_fits(sf, model, p, check_fingerprint)
+        check_fits(sf, model, path, check_fingerprint)
         sf.state = sf.state.to(device=model.device, dtype=model.dtype)
     return sf
 
 
-AI00_FORMAT = "ai00-state"
-
-
-def is_ai00(tensors: dict, metadata: dict[str, Any]) -> bool:
-    """Whether safetensors state tensors are in web-rwkv / ai00_server's layout: ``[H, key, value]`` float16.
-
-    ai00 reads only float16 states, so a float16 ``time_state`` without statetune's own format tag is taken
-    to be one (statetune writes fp32 ``[H, value, key]``); files statetune writes for ai00 are tagged.
-    """
-    if metadata.get("format") == AI00_FORMAT:
-        return True
-    first = tensors.get(WKV_KEY.format(i=0))
-    return metadata.get("format") != FORMAT and first is not None and first.dtype == torch.float16
-
-
-def from_tensors(tensors: dict, where: str | Path, metadata: dict[str, Any]) -> StateFile:
-    """A state from ``blocks.{i}.att.time_state`` (and optional shift) tensors, however they were stored."""
-    n_layer = 0
-    while WKV_KEY.format(i=n_layer) in tensors:
-        n_layer += 1
-    if n_layer == 0:
-        raise StateFileError(f"{where}: unknown state format: no key {WKV_KEY.format(i=0)!r}; found "
-                             f"{', '.join(sorted(map(str, tensors))[:5]) or 'nothing'}")
-    wkv = torch.stack([tensors[WKV_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
-    C = wkv.shape[2] * wkv.shape[3]
-    has_shift = ATT_SHIFT_KEY.format(i=0) in tensors
-    if has_shift:
-        att = torch.stack([tensors[ATT_SHIFT_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
-        ffn = torch.stack([tensors[FFN_SHIFT_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
-    else:
-        att, ffn = torch.zeros(n_layer, 1, C), torch.zeros(n_layer, 1, C)
-    return StateFile(RWKVState(att, wkv, ffn), metadata, has_shift)
-
-
 def check_fits(sf: StateFile, model, where: str | Path, check_fingerprint: bool = True) -> None:
-    """Raise :class:`StateFileError` unless the state's shapes (and fingerprint, if recorded) fit ``model``."""
+    """Raise :class:`StateFileError` unless the state can be used with ``model`` as it is.
+
+    The same check ``generate``, ``chat``, ``eval``, ``train --init``, ``serve`` and ``state info`` run:
+    the number of layers, each tensor's shape (the message names the key, the expected and found shape),
+    values the model's dtype can hold, and the base model's fingerprint when the file records one.
+    """
     cfg = model.config
-    want = (cfg.n_layer, 1, cfg.n_head, cfg.head_size, cfg.head_size)
-    have = tuple(sf.state.wkv.shape)
+    L = sf.state.wkv.shape[0]
+    want = [cfg.n_head, cfg.head_size, cfg.head_size]
+    where = f"{where}: does not fit the model"
+    model_desc = f"the model has {cfg.n_layer} layers of {cfg.n_head} heads x {cfg.head_size}"
+    if L < cfg.n_layer:
+        raise StateFileError(f"{where}: missing {WKV_KEY.format(i=L)}: expected shape {want}, found nothing "
+                             f"(the state has {L} layers; {model_desc})")
+    if L > cfg.n_layer:
+        raise StateFileError(f"{where}: {WKV_KEY.format(i=cfg.n_layer)}: a layer the model does not have "
+                             f"(the state has {L} layers; {model_desc})")
+    have = list(sf.state.wkv.shape[2:])
     if have != want:
-        raise StateFileError(
-            f"{where}: state for {have[0]} layers of {have[2]} heads x {have[3]} does not fit the model "
-            f"({cfg.n_layer} layers of {cfg.n_head} heads x {cfg.head_size})")
+        raise StateFileError(f"{where}: {WKV_KEY.format(i=0)}: expected shape {want}, found {have} ({model_desc})")
+    if sf.has_shift and sf.state.att_shift.shape[-1] != cfg.n_embd:
+        raise StateFileError(f"{where}: {ATT_SHIFT_KEY.format(i=0)}: expected shape [{cfg.n_embd}], found "
+                             f"[{sf.state.att_shift.shape[-1]}]")
+    if model.dtype == torch.float16:  # the shift vectors take the model's dtype (WKV stays fp32)
+        big = max(float(t.abs().max()) for t in (sf.state.att_shift, sf.state.ffn_shift))
+        if big >= torch.finfo(torch.float16).max:
+            raise StateFileError(f"{where}: token-shift values up to {big:.4g}, beyond float16's range: load "
+                                 "the model in fp32 or bf16 (--dtype)")
     fp = sf.metadata.get("model_fingerprint")
     if check_fingerprint and fp is not None and fp != model.fingerprint():
-        raise StateFileError(f"{where}: state was trained on a different base model (fingerprint {fp}, "
+        raise StateFileError(f"{where}: the state was trained on a different base model (fingerprint {fp}, "
                              f"this model's is {model.fingerprint()})")
