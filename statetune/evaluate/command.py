@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from statetune.data.loader import TokenDataset
-from statetune.errors import OptionError
+from statetune.errors import DataError, OptionError
 from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
 from statetune.evaluate.report import markdown_report
@@ -45,6 +45,11 @@ class EvalOptions:
         for name in ("batch_size", "ctx_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise OptionError(f"--max-prompts: must be at least 1, got {self.max_prompts} (scores over no "
+                              f"prompts mean nothing; leave --generate off to skip generation)")
+        if self.examples < 0:
+            raise OptionError(f"--examples: must not be negative, got {self.examples}")
 
 
 def prompts_and_references(data: TokenDataset, stop_ids: set[int]) -> list[tuple[list[int], list[list[int]]]]:
@@ -75,6 +80,9 @@ def evaluate(opts: EvalOptions) -> int:
 
     model = load_model(opts.model, device=opts.device)
     data = TokenDataset(opts.data, model.config.vocab_size)
+    if data.loss_tokens == 0:
+        raise DataError(f"--data {opts.data}: no record has a loss token (every mask is 0 after the first "
+                        f"token), so there is no loss or perplexity to measure")
     meta = dataset_meta(opts.data)
     tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
     stop = set((meta.get("stop") or {}).get("ids") or [tok.eot_id])
@@ -82,6 +90,9 @@ def evaluate(opts: EvalOptions) -> int:
     for path in opts.state:
         candidates.append((Path(path).stem, read_any(path, model).state))
     groups = prompts_and_references(data, stop)[: opts.max_prompts] if opts.generate else []
+    if opts.generate and not groups:
+        raise DataError(f"--generate: no record of {opts.data} has a prompt (tokens with mask 0 before its "
+                        f"first loss token), so there is nothing to generate from")
     rows, outputs = [], {}
     for name, state in candidates:
         res = dataset_loss(model, data, state, opts.batch_size, opts.ctx_len)

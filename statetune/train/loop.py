@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -13,19 +12,18 @@ import torch
 from tqdm import tqdm
 
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
-from statetune.errors import CheckpointError
+from statetune.errors import CheckpointError, DataError
 from statetune.evaluate.loss import dataset_loss
-from statetune.fileio import atomic_write
 from statetune.infer.greedy import greedy_continue
 from statetune.model.checkpoint import load_model
-from statetune.options import to_toml
+from statetune.train import guard, rundir
 from statetune.train.checkpoint import load_latest, save_checkpoint
 from statetune.train.distributed import Dist, init_distributed
 from statetune.train.loss import masked_lm_loss
 from statetune.train.metrics import MetricsLog
 from statetune.train.options import TrainOptions
 from statetune.train.schedule import lr_at
-from statetune.train.setup import dataset_meta, initial_state, pick_tokenizer, resolve_dtype, resumed_options
+from statetune.train.setup import dataset_meta, initial_state, pick_tokenizer, resolve_dtype
 from statetune.tuning.statefile import save_state
 from statetune.tuning.tunable import TunableState
 
@@ -46,6 +44,11 @@ class Run:
         vocab = self.model.config.vocab_size
         self.train_data = TokenDataset(opts.train_data, vocab)
         self.val_data = TokenDataset(opts.val_data, vocab) if opts.val_data else None
+        for flag_name, data in (("--train-data", self.train_data), ("--val-data", self.val_data)):
+            if data is not None and data.loss_tokens == 0:
+                raise DataError(f"{flag_name} {data.path}: no record has a loss token (every mask is 0 after "
+                                f"the first token), so there is nothing to learn from or measure")
+        self.fingerprint = rundir.data_fingerprint(opts)
         self.meta = dataset_meta(opts.train_data)
         self.tokenizer = pick_tokenizer(opts.tokenizer, self.meta, vocab)
         self.tunable = TunableState(initial_state(opts, self.model, self.tokenizer), opts.param, opts.tune_shift,
@@ -71,7 +74,7 @@ class Run:
                 "tokens_seen": self.tokens_seen, "best_val": self.best_val, "last_val": self.last_val,
                 "baseline_val": self.baseline_val,
                 "bad_evals": self.bad_evals, "elapsed": self.elapsed, "tunable": self.tunable.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "data": self.fingerprint}
 
     def restore(self, ck: dict) -> None:
         self.tunable.load_state_dict(ck["tunable"])
@@ -104,7 +107,10 @@ class Run:
                     "chat", "eos", "stop"):
             if key in self.meta:
                 meta[key] = self.meta[key]
-        save_state(self.run_dir / name, self.current_state(), self.model, meta, with_shift=self.tunable.has_shift)
+        state = self.current_state()
+        if not guard.state_is_finite(state):
+            raise guard.non_finite(self.run_dir, self.step, "the state to be saved has non-finite values")
+        save_state(self.run_dir / name, state, self.model, meta, with_shift=self.tunable.has_shift)
 
     def current_state(self):
         with torch.no_grad():
@@ -156,6 +162,8 @@ class Run:
         """Validate, keep the best state, log samples; True when early stopping says stop."""
         o = self.opts
         res = dataset_loss(self.model, self.val_data, self.current_state(), o.batch_size, o.ctx_len, o.val_batches)
+        if not math.isfinite(res.loss):
+            raise guard.non_finite(self.run_dir, self.step, f"the validation loss is {res.loss}")
         improved = self.best_val is None or res.loss < self.best_val
         self.last_val = res.loss
         if improved:
@@ -184,21 +192,16 @@ class Run:
                         output=self.tokenizer.decode(out), reference=self.tokenizer.decode(ref))
 
 
-def _inject_fault(step: int) -> None:
-    """Fault injection for the resume tests: ``STATETUNE_KILL_AT_STEP=N`` (SIGKILL) or ``N:INT`` (SIGINT, as
-    Ctrl-C would send) makes the process signal itself after step ``N``."""
-    at, _, sig = os.environ.get("STATETUNE_KILL_AT_STEP", "").partition(":")
-    if at == str(step):
-        os.kill(os.getpid(), signal.SIGINT if sig == "INT" else signal.SIGKILL)
-
-
 def train(opts: TrainOptions) -> int:
     """Train a state; writes ``state-final.safetensors`` (and ``state-best`` with validation) in ``--out``.
 
     Returns 0 when training finished, 130 when interrupted (a checkpoint was saved; use ``--resume``).
+    A fresh run into a folder holding one is refused unless ``--overwrite``; see docs/training.md.
     """
     if opts.resume:
-        opts = resumed_options(opts)
+        opts = rundir.resumed_options(opts)
+    else:
+        rundir.check_fresh(opts)
     d = init_distributed(opts.device)
     torch.manual_seed(opts.seed)
     try:
@@ -209,14 +212,19 @@ def train(opts: TrainOptions) -> int:
 
 def _train(opts: TrainOptions, d: Dist) -> int:
     run = Run(opts, d)
-    ck = load_latest(run.run_dir)
+    ck = load_latest(run.run_dir, set_aside=d.main) if opts.resume else None
     if ck is not None:
-        run.restore(ck)
+        rundir.check_same_data(ck.payload.get("data"), run.fingerprint, ck.path)
+        run.restore(ck.payload)
         log.info("resuming %s at step %d", run.run_dir, run.step)
-    elif d.main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run.run_dir / "config.toml", lambda tmp: Path(tmp).write_text(to_toml(opts)))
-    metrics = MetricsLog(run.run_dir, enabled=d.main, resume_step=run.step if ck is not None else None)
+    elif opts.resume:
+        log.warning("%s has no checkpoint: the run starts again from step 0", run.run_dir)
+    elif d.main and opts.overwrite:
+        rundir.clear_run(run.run_dir)
+    if d.main:
+        rundir.write_config(run.run_dir, opts)
+    resume_step = (run.step if ck is not None else -1) if opts.resume else None
+    metrics = MetricsLog(run.run_dir, enabled=d.main, resume_step=resume_step)
     if d.main:
         log.info("training %d parameters (%s) for %d steps; %d records, global batch %d", run.tunable.n_trainable(),
                  opts.param.value, run.total_steps, len(run.train_data), run.global_size)
@@ -238,7 +246,11 @@ def _train(opts: TrainOptions, d: Dist) -> int:
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                 batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
             t0 = time.perf_counter()
+            hooks = guard.poison(run.params, run.step + 1)
             stats = run.train_step(batches)
+            for h in hooks:
+                h.remove()
+            guard.check_step(run.run_dir, run.step, stats["loss"], stats["grad_norm"], run.params)
             dt = time.perf_counter() - t0
             run.elapsed += dt
             metrics.log("train", run.step, **stats, tokens_per_s=stats["tokens"] / max(run.elapsed, 1e-9),
@@ -250,7 +262,7 @@ def _train(opts: TrainOptions, d: Dist) -> int:
                 early = run.validate(metrics)
             if run.step % opts.save_every == 0 or done or early:
                 run.checkpoint()
-            _inject_fault(run.step)
+            guard.inject_signal(run.step)
             if stop["flag"]:
                 run.checkpoint()
                 log.warning("interrupted at step %d; checkpoint saved, continue with --resume %s", run.step,

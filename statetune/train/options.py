@@ -24,8 +24,12 @@ class TrainOptions:
     train_data: str | None = field(default=None, metadata=_h("Tokenized training JSONL (from `statetune prepare`)."))
     out: str | None = field(default=None, metadata=_h("Run directory for states, checkpoints and logs."))
     val_data: str | None = field(default=None, metadata=_h("Tokenized validation JSONL (optional)."))
-    resume: str | None = field(default=None, metadata=_h("Continue the run in this directory from its last "
-                                                         "checkpoint (other options come from its config)."))
+    resume: str | None = field(default=None, metadata=_h("Continue the run in this directory from its newest "
+                                                         "intact checkpoint; its options come from its "
+                                                         "config.toml (only --max-steps, --epochs, --eval-every, "
+                                                         "--save-every and a few more may change)."))
+    overwrite: bool = field(default=False, metadata=_h("Start over in an --out folder that already holds a "
+                                                       "run: its checkpoints, logs and states are deleted."))
     param: Param = field(default=Param.direct, metadata=_h("What is trained: the state tensors themselves, "
                                                           "or a per-layer state encoder that produces them."))
     encoder_scope: Scope = field(default=Scope.layer, metadata=_h("One encoder per layer, or one shared."))

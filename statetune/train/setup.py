@@ -1,10 +1,9 @@
-"""Everything a run needs before its first step: options (fresh or resumed), model, data, tokenizer,
-the initial state."""
+"""Everything a run needs before its first step: dtype, dataset metadata, tokenizer, the initial state
+(the run folder and resumed options are in ``rundir``)."""
 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,7 @@ import torch
 
 from statetune.errors import OptionError, StatetuneError
 from statetune.model.state import RWKVState
-from statetune.options import build
 from statetune.train.options import TrainOptions
-
-
-def resumed_options(opts: TrainOptions) -> TrainOptions:
-    """The options a run was started with, read from ``RUN_DIR/config.toml``."""
-    run = Path(opts.resume)
-    cfg = run / "config.toml"
-    if not cfg.is_file():
-        raise OptionError(f"--resume: {run} is not a run directory (no config.toml)")
-    with cfg.open("rb") as fh:
-        values = tomllib.load(fh)
-    values["out"] = str(run)
-    values.pop("resume", None)
-    return build(TrainOptions, values)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -1,0 +1,148 @@
+"""What a run folder holds, and what may change when a run is continued.
+
+A run folder means one run: a fresh ``train`` into a folder that already holds one is refused (``--resume``
+continues it, ``--overwrite`` starts over), and ``--resume`` keeps the options in ``config.toml`` except the
+few in ``MAY_CHANGE``, which only say how long to train and how often to look. The data files may move but
+not change: their size and SHA-256 are recorded in every checkpoint and compared on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from statetune.errors import DataError, OptionError, StatetuneError
+from statetune.fileio import atomic_write
+from statetune.options import build, flag, load_toml, to_toml
+from statetune.train.options import TrainOptions
+
+# Options that may differ from the run's config.toml on --resume (documented in docs/training.md).
+MAY_CHANGE = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "patience", "samples",
+              "progress", "device", "activation_checkpoint")
+# May point elsewhere on --resume, as long as the file's content is the same (checked against the checkpoint).
+MAY_MOVE = ("train_data", "val_data")
+# What a run writes into its folder; --overwrite removes exactly these, nothing else.
+RUN_FILES = ("config.toml", "metrics.jsonl", "state-best.safetensors", "state-final.safetensors", "curves.png")
+RUN_DIRS = ("checkpoints", "tensorboard")
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The names of run artefacts in ``run_dir`` that mark it as holding a run (empty: free to use)."""
+    found = [n for n in ("config.toml", "metrics.jsonl") if (run_dir / n).exists()]
+    ck = run_dir / "checkpoints"
+    if ck.is_dir() and any(ck.iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
+def check_fresh(opts: TrainOptions) -> None:
+    """Refuse a fresh run into a folder that holds one, unless ``--overwrite``."""
+    run = Path(opts.out)
+    if run.exists() and not run.is_dir():
+        raise OptionError(f"--out: {run} exists and is not a directory")
+    found = holds_run(run) if run.is_dir() else []
+    if found and not opts.overwrite:
+        raise OptionError(f"--out: {run} already holds a training run ({', '.join(found)}); continue it with "
+                          f"--resume {run}, or start it over with --overwrite (deletes its checkpoints, logs "
+                          f"and states)")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's files (for ``--overwrite``); other files in the folder are left alone."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def resumed_options(opts: TrainOptions) -> TrainOptions:
+    """The options of the run in ``--resume RUN_DIR`` (its config.toml, read as ``--config`` reads a file),
+    with the changes in ``MAY_CHANGE``/``MAY_MOVE`` taken from ``opts``; any other difference is refused."""
+    run = Path(opts.resume)
+    cfg = run / "config.toml"
+    if not cfg.is_file():
+        raise OptionError(f"--resume: {run} is not a run directory (no config.toml)")
+    if opts.overwrite:
+        raise OptionError("--overwrite starts a run over and --resume continues it: give one of them")
+    try:
+        values = load_toml(cfg, TrainOptions)
+    except OptionError as e:
+        detail = str(e).removeprefix("--config: ")
+        raise StatetuneError(f"--resume: the run's config.toml is damaged: {detail}; restore it (it holds "
+                             f"the options the run was started with) or start a new run") from None
+    values.update(out=str(run), resume=str(run), overwrite=False)
+    try:
+        saved = build(TrainOptions, values)
+    except OptionError as e:
+        raise StatetuneError(f"--resume: {cfg} holds an invalid option: {e}") from None
+    given = _explicit(opts)
+    clash = [f"{flag(k)} {_show(v)} differs from the run's {k} = {_show(getattr(saved, k))}"
+             for k, v in given.items() if k not in MAY_CHANGE + MAY_MOVE + ("out",) and v != getattr(saved, k)]
+    if "out" in given and Path(given["out"]).resolve() != run.resolve():
+        clash.insert(0, f"--out {given['out']} (a resumed run stays in {run})")
+    if clash:
+        may = ", ".join(flag(k) for k in MAY_CHANGE)
+        raise OptionError(f"--resume {run}: {'; '.join(clash)}: only {may} may change when resuming (and the "
+                          f"data files may move); start a new run to change the others, e.g. with "
+                          f"--init {run / 'state-best.safetensors'}")
+    changes = {k: v for k, v in given.items() if k in MAY_CHANGE + MAY_MOVE}
+    return dataclasses.replace(saved, **changes)
+
+
+def _explicit(opts: TrainOptions) -> dict[str, Any]:
+    """The options set to something other than their default (those given on the command line or config)."""
+    default = TrainOptions(resume=opts.resume)
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+            if f.name not in ("resume", "overwrite") and getattr(opts, f.name) != getattr(default, f.name)}
+
+
+def _show(v: Any) -> str:
+    return str(getattr(v, "value", v))
+
+
+def write_config(run_dir: Path, opts: TrainOptions) -> None:
+    """Write ``config.toml``: the run's options, without the switches that only say how it was launched.
+    An unchanged file is left untouched (a resume that changes nothing rewrites nothing)."""
+    text = to_toml(dataclasses.replace(opts, resume=None, overwrite=False))
+    path = run_dir / "config.toml"
+    if path.is_file() and path.read_bytes() == text.encode():
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# -- data fingerprints ----------------------------------------------------------------------------------------
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Name, size and SHA-256 of a file, read in 1 MiB blocks."""
+    p = Path(path)
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return {"file": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()}
+
+
+def data_fingerprint(opts: TrainOptions) -> dict[str, Any]:
+    """Fingerprints of the training (and validation) data, recorded in every checkpoint."""
+    return {"train": file_fingerprint(opts.train_data),
+            "val": file_fingerprint(opts.val_data) if opts.val_data else None}
+
+
+def check_same_data(recorded: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
+    """Refuse to resume when the data differs from what the checkpoint was trained on."""
+    if recorded is None:  # checkpoints from before fingerprints: nothing to compare
+        return
+    for role, flag_name in (("train", "--train-data"), ("val", "--val-data")):
+        old, new = recorded.get(role), current.get(role)
+        if old is None and new is None:
+            continue
+        if old is None or new is None:
+            raise DataError(f"--resume: {where} was written {'without' if old is None else 'with'} "
+                            f"{flag_name}; the run's data cannot change on resume")
+        if (old["size"], old["sha256"]) != (new["size"], new["sha256"]):
+            raise DataError(f"--resume: {flag_name} {new['file']} changed since {where} was written "
+                            f"(size {old['size']} -> {new['size']} bytes, SHA-256 {old['sha256'][:12]}... -> "
+                            f"{new['sha256'][:12]}...); the run cannot continue on other data: restore the "
+                            f"file, or start a new run (--init with one of this run's states)")
