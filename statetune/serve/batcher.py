@@ -69,7 +69,7 @@ class Batcher:
                  cache: PrefixCache | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
-        self.cache = cache or PrefixCache(0)
+        self.cache = cache if cache is not None else PrefixCache(0)
         self.engine = self._new_engine()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}
