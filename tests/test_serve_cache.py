@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 import torch
+from serve_helpers import random_state
 
 import statetune
 from statetune.infer.engine import ERROR, Engine
@@ -20,8 +21,6 @@ from statetune.model.state import RWKVState
 from statetune.serve.batcher import Batcher
 from statetune.serve.cache import PrefixCache, prefix_hashes, state_bytes
 from statetune.tokenizer import get_tokenizer
-
-from serve_helpers import random_state
 
 BYTES = get_tokenizer("bytes")
 
@@ -146,7 +145,7 @@ def test_a_changed_state_never_uses_the_old_one_s_prefixes(model):
 def broken_state(model) -> RWKVState:
     """Finite values so large that the model's output overflows to NaN or infinity."""
     s = model.zero_state(1)
-    return RWKVState(torch.full_like(s.att_shift, 3e38), torch.full_like(s.wkv, 3e38), torch.full_like(s.ffn_shift, 3e38))
+    return RWKVState(*(torch.full_like(t, 3e38) for t in s.tensors()))
 
 
 def test_an_isolating_engine_fails_one_sequence_alone(model):

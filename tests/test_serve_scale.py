@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +20,7 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from serve_helpers import KEY, Running, random_state, stream_text  # noqa: E402
 
 import statetune  # noqa: E402
 from statetune.infer.engine import Engine  # noqa: E402
@@ -27,8 +29,6 @@ from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.model.state import RWKVState  # noqa: E402
 from statetune.serve.command import ServeOptions  # noqa: E402
 from statetune.tokenizer import get_tokenizer  # noqa: E402
-
-from serve_helpers import KEY, Running, random_state, stream_text  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BYTES = get_tokenizer("bytes")
@@ -183,7 +183,8 @@ def test_many_states_with_few_loaded_at_once(world, tmp_path):
         client = running.client()
 
         def one(name):
-            return client.completions.create(model=name, prompt="Who am I?", max_tokens=8, temperature=0).choices[0].text
+            r = client.completions.create(model=name, prompt="Who am I?", max_tokens=8, temperature=0)
+            return r.choices[0].text
 
         with ThreadPoolExecutor(6) as pool:
             got = list(pool.map(one, names))
@@ -253,7 +254,7 @@ def test_states_that_fail_validation_are_skipped_and_listed(hostile):
 def test_a_broken_state_fails_its_request_alone(hostile, world):
     """Eight concurrent streams, two of them on a state that overflows the model: those two end with an
     error event, every other stream completes with the answer it has alone."""
-    model, client = world["loaded"], hostile.client()
+    model = world["loaded"]
     jobs = [("alpha", "one"), ("overflow", "one"), ("beta", "two"), ("alpha", "three"), ("beta", "four"),
             ("overflow", "five"), ("alpha", "six"), ("beta", "seven")]
 
@@ -355,16 +356,18 @@ def test_bad_create_requests(server):
 
 
 # -- observability ------------------------------------------------------------------------------------------------
-def test_metrics_parse_and_move(server, caplog):
+def test_metrics_parse_and_move(server):
     before = metrics(server)
     client = server.client()
-    with caplog.at_level(logging.INFO, logger="statetune.serve.access"):
-        r = client.completions.create(model="beta", prompt="Count me", max_tokens=7, temperature=0,
-                                      extra_body={"stop_token_ids": [], "stop": []})
-        stream_text(client.completions.create(model="beta", prompt="Count me", max_tokens=7, temperature=0,
-                                              stream=True, extra_body={"stop_token_ids": [], "stop": []}))
-    after = metrics(server)
+    r = client.completions.create(model="beta", prompt="Count me", max_tokens=7, temperature=0,
+                                  extra_body={"stop_token_ids": [], "stop": []})
+    stream_text(client.completions.create(model="beta", prompt="Count me", max_tokens=7, temperature=0,
+                                          stream=True, extra_body={"stop_token_ids": [], "stop": []}))
     ok = 'statetune_requests_total{route=/v1/completions,status=200}'
+    deadline = time.monotonic() + 5  # an answer is counted once it has been sent: wait for the stream's
+    while (after := metrics(server)).get(ok, 0) - before.get(ok, 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert after[ok] - before.get(ok, 0) == 2
     assert after["statetune_generated_tokens_total"] - before["statetune_generated_tokens_total"] == 14
     assert r.usage.completion_tokens == 7
@@ -385,6 +388,10 @@ def test_access_log_lines_are_json(world, caplog):
         with caplog.at_level(logging.INFO, logger="statetune.serve.access"):
             running.client().completions.create(model="alpha", prompt="Log me", max_tokens=4, temperature=0)
             running.post("/v1/completions", {"model": "nope", "prompt": "x"})
+            deadline = time.monotonic() + 5  # a line is written once the answer is sent: wait for both
+            while len([r for r in caplog.records if r.name == "statetune.serve.access"]) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "statetune.serve.access"]
         ok = next(x for x in lines if x["status"] == 200)
         assert ok["route"] == "/v1/completions" and ok["model"] == "alpha" and ok["prompt_tokens"] == 6
