@@ -5,120 +5,38 @@ dimension and the logits of their next tokens. ``add`` queues a sequence; ``step
 ones (each from its own state; prompts of equal length share a forward pass, and prompts are never padded,
 which would change the state), picks one token for every sequence, and runs the model once on all the
 sequences still going. Sequences join and leave between steps, which is all continuous batching needs.
-
-Text comes out through a UTF-8-safe ``StreamDecoder``. Stop strings are searched in the decoded text:
-text from the first stop string on is never emitted, and text that could be the beginning of a stop
-string is held back until it is known not to be.
+What one sequence emits (text, stops) is kept by ``statetune.infer.sequence``.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from statetune.infer.sampling import RowSampler, SamplingParams, sample
+from statetune.infer.sequence import ERROR, LENGTH, STOP, Completion, Delta
+from statetune.infer.sequence import Seq as _Seq
 from statetune.model.base import acc_dtype
 from statetune.model.state import RWKVState
 from statetune.tokenizer import StreamDecoder, Tokenizer
 
-STOP, LENGTH = "stop", "length"
-
-
-@dataclass
-class Completion:
-    """A finished sequence: its text (up to any stop string), tokens, and why it ended.
-
-    ``tokens`` are all sampled tokens, including the stop token or the token that completed a stop string;
-    ``state`` (when the sequence was added with ``keep_state``) is the state after the prompt and all tokens
-    but the last one (the last sampled token is never fed to the model).
-    """
-
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    stop: str | int | None = None
-    state: RWKVState | None = None
-
-
-@dataclass
-class Delta:
-    """What one step produced for one sequence: its new text (possibly empty) and the token sampled."""
-
-    seq_id: int
-    text: str
-    token: int
-    finish_reason: str | None = None
-    completion: Completion | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class _Seq:
-    id: int
-    prompt: list[int]
-    state: RWKVState | None
-    params: SamplingParams
-    keep_state: bool
-    sampler: RowSampler
-    decoder: StreamDecoder
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-
-    def accept(self, token: int) -> Delta:
-        """Take a sampled token: update the text, check the stops, say what to emit."""
-        p = self.params
-        self.tokens.append(token)
-        self.sampler.observe(token)
-        if token in p.stop_token_ids:
-            return self._emit(self.decoder.flush(), token, final=True, reason=STOP, stop=token)
-        final = len(self.tokens) >= p.max_tokens
-        new = self.decoder.push(token) + (self.decoder.flush() if final else "")
-        return self._emit(new, token, final, reason=LENGTH if final else None)
-
-    def _emit(self, new: str, token: int, final: bool, reason: str | None, stop: str | int | None = None) -> Delta:
-        self.text += new
-        hit = min(((i, s) for s in self.params.stop if (i := self.text.find(s, self.emitted)) >= 0), default=None)
-        if hit is not None:
-            end, stop, reason = hit[0], hit[1], STOP
-        elif final:
-            end = len(self.text)
-        else:
-            end = len(self.text) - self._held()
-        delta = Delta(self.id, self.text[self.emitted:end], token, reason)
-        self.emitted = max(self.emitted, end)
-        if reason is not None:
-            self.text = self.text[:self.emitted]
-            delta.completion = Completion(self.text, self.tokens, reason, len(self.prompt), stop)
-        return delta
-
-    def _held(self) -> int:
-        """Length of the longest end of the unemitted text that begins some stop string."""
-        tail = len(self.text) - self.emitted
-        best = 0
-        for s in self.params.stop:
-            for k in range(min(len(s) - 1, tail), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+__all__ = ["ERROR", "LENGTH", "STOP", "Completion", "Delta", "Engine", "prefill"]
 
 
 class Engine:
     """Batched decoding with sequences joining and leaving between steps.
 
     ``max_batch_size`` bounds the sequences decoded together (more wait in a queue); ``prefill_tokens``
-    bounds the tokens of one prefill forward pass (long prompts are read in chunks).
+    bounds the tokens of one prefill forward pass (long prompts are read in chunks). With
+    ``isolate_failures`` (a server's choice) a sequence whose prefill or forward pass fails, or whose logits
+    are not finite, ends alone with a :class:`Delta` whose ``finish_reason`` is ``"error"`` and whose
+    ``error`` says why, while the others go on; without it such a failure raises from ``step``.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 64, prefill_tokens: int = 4096) -> None:
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 64, prefill_tokens: int = 4096,
+                 isolate_failures: bool = False) -> None:
         if max_batch_size < 1 or prefill_tokens < 1:
             raise ValueError("max_batch_size and prefill_tokens must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -129,14 +47,17 @@ class Engine:
         self._state: RWKVState | None = None
         self._logits: Tensor | None = None
         self._next_id = 0
+        self.isolate_failures = isolate_failures
+        self._failed: list[Delta] = []
 
     # -- the queue -----------------------------------------------------------------------------------------
     def add(self, prompt: list[int], state: RWKVState | None = None, params: SamplingParams | None = None,
-            keep_state: bool = False) -> int:
+            keep_state: bool = False, keep_prompt_state: bool = False) -> int:
         """Queue a sequence: ``prompt`` token ids (at least one) read from ``state`` (batch 1; None: zeros).
 
         Returns the sequence id used in :class:`Delta`. The caller's state is never modified. With
-        ``keep_state`` the final :class:`Completion` carries the sequence's state.
+        ``keep_state`` the final :class:`Completion` carries the sequence's state, with ``keep_prompt_state``
+        the state before the prompt's last token (the prompt is then read in two passes).
         """
         params = params or SamplingParams()
         params.check_vocab(self.model.config.vocab_size)
@@ -149,7 +70,7 @@ class Engine:
         if state is not None and state.batch_size != 1:
             raise ValueError(f"each sequence needs a batch-1 state, got batch {state.batch_size}")
         seq = _Seq(self._next_id, list(prompt), state, params, keep_state, RowSampler(params),
-                   StreamDecoder(self.tokenizer))
+                   StreamDecoder(self.tokenizer), keep_prompt_state=keep_prompt_state and len(prompt) > 1)
         self._next_id += 1
         self._waiting.append(seq)
         return seq.id
@@ -183,10 +104,15 @@ class Engine:
     def step(self) -> list[Delta]:
         """Prefill what fits of the queue, then pick one token for every decoding sequence."""
         self._admit()
+        if self.isolate_failures and self._active:
+            finite = torch.isfinite(self._logits).all(-1).tolist()
+            self._fail_rows([r for r, ok in enumerate(finite) if not ok], "the model's output is not finite "
+                            "(NaN or infinite logits): the state or the prompt drives the model out of range")
+        deltas, self._failed = self._failed, []
         if not self._active:
-            return []
+            return deltas
         tokens = sample(self._logits, [s.sampler for s in self._active], self.vocab_size)
-        deltas, keep = [], []
+        keep = []
         for row, (seq, tok) in enumerate(zip(self._active, tokens, strict=True)):
             delta = seq.accept(tok)
             if delta.completion is None:
@@ -197,9 +123,39 @@ class Engine:
         self._keep(keep)
         if keep:
             ids = torch.tensor([[tokens[r]] for r in keep], device=self.model.device)
-            logits, self._state = self.model(ids, self._state)
-            self._logits = logits[:, -1]
+            try:
+                logits, self._state = self.model(ids, self._state)
+                self._logits = logits[:, -1]
+            except Exception:
+                if not self.isolate_failures:
+                    raise
+                self._forward_rows(ids)
+                deltas, self._failed = deltas + self._failed, []
         return deltas
+
+    def _forward_rows(self, ids: Tensor) -> None:
+        """After a batched forward pass failed: each row alone, so that only the failing rows end."""
+        states, logits, bad = [], [], []
+        for r in range(len(self._active)):
+            try:
+                out, st = self.model(ids[r:r + 1], self._state.select([r]))
+                states.append(st)
+                logits.append(out[:, -1])
+            except Exception as e:
+                bad.append((r, f"{type(e).__name__}: {e}"))
+                states.append(self._state.select([r]))
+                logits.append(self._logits[r:r + 1])
+        self._state, self._logits = RWKVState.cat(states), torch.cat(logits)
+        for r, why in reversed(bad):
+            self._fail_rows([r], why)
+
+    def _fail_rows(self, rows: list[int], why: str) -> None:
+        if not rows:
+            return
+        for r in rows:
+            seq = self._active[r]
+            self._failed.append(Delta(seq.id, "", -1, ERROR, error=why))
+        self._keep([r for r in range(len(self._active)) if r not in set(rows)])
 
     def _keep(self, rows: list[int]) -> None:
         if len(rows) == len(self._active):
@@ -217,19 +173,39 @@ class Engine:
             new.append(self._waiting.popleft())
         if not new:
             return
-        by_len: dict[int, list[_Seq]] = {}
+        by_len: dict[tuple[int, bool], list[_Seq]] = {}
         for seq in new:
-            by_len.setdefault(len(seq.prompt), []).append(seq)
+            by_len.setdefault((len(seq.prompt), seq.keep_prompt_state), []).append(seq)
         states, logits = [] if self._state is None else [self._state], [] if self._logits is None else [self._logits]
-        for group in by_len.values():
-            init = RWKVState.cat([self._initial(s.state) for s in group])
-            last, st = prefill(self.model, [s.prompt for s in group], init, self.prefill_tokens)
+        groups = list(by_len.values())
+        while groups:
+            group = groups.pop(0)
+            try:
+                last, st = self._prefill(group)
+            except Exception as e:
+                if not self.isolate_failures:
+                    raise
+                if len(group) > 1:  # find the sequence(s) that fail: each alone
+                    groups[:0] = [[s] for s in group]
+                else:
+                    self._failed.append(Delta(group[0].id, "", -1, ERROR, error=f"{type(e).__name__}: {e}"))
+                continue
             states.append(st)
             logits.append(last)
             self._active.extend(group)
             for s in group:
                 s.state = None  # the caller's state is not kept alive
-        self._state, self._logits = RWKVState.cat(states), torch.cat(logits)
+        if logits:
+            self._state, self._logits = RWKVState.cat(states), torch.cat(logits)
+
+    def _prefill(self, group: list[_Seq]) -> tuple[Tensor, RWKVState]:
+        init = RWKVState.cat([self._initial(s.state) for s in group])
+        if not group[0].keep_prompt_state:
+            return prefill(self.model, [s.prompt for s in group], init, self.prefill_tokens)
+        _, st = prefill(self.model, [s.prompt[:-1] for s in group], init, self.prefill_tokens)
+        for row, s in enumerate(group):
+            s.prompt_state = st.select([row])
+        return prefill(self.model, [s.prompt[-1:] for s in group], st, self.prefill_tokens)
 
     def _initial(self, state: RWKVState | None) -> RWKVState:
         m = self.model

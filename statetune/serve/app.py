@@ -1,5 +1,6 @@
-"""The HTTP routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/v1/states/reload`` and
-``/health``, as a FastAPI app over a :class:`~statetune.serve.service.Service`.
+"""The HTTP routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/v1/states/reload``,
+``/health`` and ``/metrics``, as a FastAPI app over a :class:`~statetune.serve.service.Service` (the states
+API and the playground page add theirs from ``states_api`` and ``playground``).
 
 Handlers only translate: a request body becomes prompt ids and sampling parameters (``prompts``), the
 service decodes, and the deltas become an OpenAI body or a stream of server-sent events (``responses``).
@@ -23,19 +24,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from statetune._version import __version__
 from statetune.infer.sampling import SamplingParams
 from statetune.serve import prompts as P
+from statetune.serve.accesslog import AccessLog, request_info
 from statetune.serve.errors import ApiError, error_body
 from statetune.serve.guard import Guard
+from statetune.serve.metrics import CONTENT_TYPE_LATEST
+from statetune.serve.playground import add_playground
 from statetune.serve.registry import Entry
 from statetune.serve.responses import DONE, Reply, model_card, sse
 from statetune.serve.schemas import ChatRequest, CompletionRequest
 from statetune.serve.service import Service
+from statetune.serve.states_api import add_state_routes
 
 log = logging.getLogger("statetune.serve")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(service: Service, api_key: str | None = None, max_body: int = 4 << 20) -> Guard:
-    """The ASGI application: the routes behind the API-key and body-size guard.
+def create_app(service: Service, api_key: str | None = None, max_body: int = 4 << 20, playground: bool = False,
+               access_log: bool = False) -> AccessLog:
+    """The ASGI application: the routes behind the API-key and body-size guard, behind the access log (which
+    counts every answer in ``/metrics`` and, with ``access_log``, logs it as one JSON line).
 
     The batcher thread starts with the app and stops (cancelling what is left) when the app shuts down.
     """
@@ -54,7 +61,10 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = 4 <
     app.state.service = service
     _errors(app)
     _routes(app, service)
-    return Guard(app, api_key, max_body)
+    add_state_routes(app, service)
+    if playground:
+        add_playground(app)
+    return AccessLog(Guard(app, api_key, max_body), service.metrics, access_log)
 
 
 def _errors(app: FastAPI) -> None:
@@ -112,6 +122,11 @@ def _routes(app: FastAPI, service: Service) -> None:
                 "in_flight": service.inflight, "decoding": service.batcher.active}
         return JSONResponse(body, status_code=503 if service.draining else 200)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """The counters, gauges and histograms in the Prometheus text format."""
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(e, registry.base_name) for e in registry.entries()]}
@@ -133,6 +148,7 @@ def _routes(app: FastAPI, service: Service) -> None:
         ids = P.completion_prompt(body, entry, tokenizer, limits)
         strings, stop_ids = P.completion_stops(body, entry, tokenizer)
         params = P.sampling_params(body, strings, stop_ids, limits)
+        request_info(request).update(model=entry.name, prompt_tokens=len(ids))
         return await _answer(service, Reply(False, entry.name, len(ids)), entry, ids, params, body.stream,
                              _include_usage(body), request)
 
@@ -144,6 +160,7 @@ def _routes(app: FastAPI, service: Service) -> None:
         strings, stop_ids = P.chat_stops(body, tokenizer)
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = P.sampling_params(body, strings, stop_ids, limits, wanted)
+        request_info(request).update(model=entry.name, prompt_tokens=len(ids))
         return await _answer(service, Reply(True, entry.name, len(ids)), entry, ids, params, body.stream,
                              _include_usage(body), request)
 
@@ -157,15 +174,17 @@ async def _answer(service: Service, reply: Reply, entry: Entry, ids: list[int], 
     """Decode and answer: one JSON body, or (``stream``) server-sent events."""
     if service.draining:
         raise ApiError(503, "the server is shutting down", code="shutting_down")
+    await service.start_state(entry)  # a state that cannot be read is this request's 500, before any stream
     if stream:
         events = _events(service, reply, entry, ids, params, include_usage, request)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    done = None
-    async with aclosing(service.generate(ids, entry.state, params, request)) as deltas:
+    done, info = None, request_info(request)
+    async with aclosing(service.generate(ids, entry, params, request, info=info)) as deltas:
         async for d in deltas:
             done = d.completion or done
     if done is None:  # the client went away; nobody reads this
         return Response(status_code=499)
+    info["completion_tokens"] = len(done.tokens)
     text = done.text.lstrip(" ") if reply.chat else done.text
     return JSONResponse(reply.body(text, done.finish_reason, len(done.tokens)))
 
@@ -175,9 +194,9 @@ async def _events(service: Service, reply: Reply, entry: Entry, ids: list[int], 
     """The stream of one answer; a chat reply's leading space is dropped, as ``statetune chat`` does."""
     if reply.chat:
         yield sse(reply.chunk("", role=True))
-    started, done = not reply.chat, None
+    started, done, info = not reply.chat, None, request_info(request)
     try:
-        async with aclosing(service.generate(ids, entry.state, params, request)) as deltas:
+        async with aclosing(service.generate(ids, entry, params, request, info=info)) as deltas:
             async for d in deltas:
                 text = d.text
                 if not started and text:
@@ -189,11 +208,13 @@ async def _events(service: Service, reply: Reply, entry: Entry, ids: list[int], 
                 elif text:
                     yield sse(reply.chunk(text))
     except ApiError as e:
+        info["error"] = e.message
         yield sse(e.body())
         yield DONE
         return
     if done is None:  # the client went away
         return
+    info["completion_tokens"] = len(done.tokens)
     if include_usage:
         yield sse(reply.usage_chunk(len(done.tokens)))
     yield DONE

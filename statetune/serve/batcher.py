@@ -6,6 +6,12 @@ queue of commands (add, cancel, cancel all, stop); between two decoding steps th
 new request joins the running batch at the next step (continuous batching) and a cancelled one leaves it.
 What a step produces goes back to each request's ``asyncio.Queue`` with one ``call_soon_threadsafe`` per
 step and event loop.
+
+The prefix-state cache lives on this thread too: a new sequence starts from the longest cached prefix of its
+prompt (and reads only the rest), and a finished one leaves two states behind, the one before its prompt's
+last token and the one before its last sampled token, which is where a chat's next turn (the history, the
+answer, a new message) starts. A sequence that fails alone (its state drives the model out of range) ends
+with its own 500 while the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from statetune.infer.engine import Delta, Engine
+from statetune.infer.engine import Completion, Delta, Engine
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
+from statetune.serve.cache import PrefixCache
 from statetune.serve.errors import ApiError, EngineFailure, ShuttingDown
 from statetune.tokenizer import Tokenizer
 
@@ -32,16 +39,21 @@ log = logging.getLogger("statetune.serve")
 class Handle:
     """One request's sequence: what to decode, and the queue its :class:`Delta`s (or an error) arrive on.
 
-    Only the engine thread sets ``seq_id``; ``cancelled`` is set by the request's side.
+    ``key`` names the start state's version for the prefix cache (None: not cached); ``capture`` asks for
+    the final state in the :class:`Completion`. Only the engine thread sets ``seq_id`` and ``cached`` (the
+    prompt tokens a cached state saved); ``cancelled`` is set by the request's side.
     """
 
     prompt: list[int]
     state: RWKVState
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    key: str | None = None
+    capture: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int | None = None
     cancelled: bool = False
+    cached: int = 0
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -53,9 +65,11 @@ class Batcher:
     :class:`ApiError` when the request cannot finish (engine failure, shutdown).
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 32, prefill_tokens: int = 4096) -> None:
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 32, prefill_tokens: int = 4096,
+                 cache: PrefixCache | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
+        self.cache = cache if cache is not None else PrefixCache(0)
         self.engine = self._new_engine()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}
@@ -65,16 +79,17 @@ class Batcher:
 
     def _new_engine(self) -> Engine:
         return Engine(self.model, self.tokenizer, max_batch_size=self.max_batch_size,
-                      prefill_tokens=self.prefill_tokens)
+                      prefill_tokens=self.prefill_tokens, isolate_failures=True)
 
     # -- the request side --------------------------------------------------------------------------------
     def start(self) -> None:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def submit(self, prompt: list[int], state: RWKVState, params: SamplingParams) -> Handle:
+    def submit(self, prompt: list[int], state: RWKVState, params: SamplingParams, key: str | None = None,
+               capture: bool = False) -> Handle:
         """Queue a sequence for the running event loop's request; it joins the batch at the next step."""
-        handle = Handle(prompt, state, params, asyncio.get_running_loop())
+        handle = Handle(prompt, state, params, asyncio.get_running_loop(), key, capture)
         self._inbox.put(("add", handle))
         return handle
 
@@ -98,6 +113,11 @@ class Batcher:
     def active(self) -> int:
         """Requests the engine holds (decoding or waiting for a place in the batch)."""
         return len(self._handles)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a place in the batch."""
+        return self.engine.num_waiting
 
     # -- the engine thread -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -126,8 +146,15 @@ class Batcher:
             if self._closed is not None:
                 out.append((handle, self._closed))
                 return
+            cached, start = 0, handle.state
+            if handle.key is not None:
+                cached, hit = self.cache.lookup(handle.key, handle.prompt)
+                start = hit if hit is not None else start
+            caching = self.cache.enabled and handle.key is not None
             try:
-                handle.seq_id = self.engine.add(handle.prompt, handle.state, handle.params)
+                handle.seq_id = self.engine.add(handle.prompt[cached:], start, handle.params,
+                                                keep_state=caching or handle.capture, keep_prompt_state=caching)
+                handle.cached = cached
             except ValueError as e:  # validated by the request already; this is a last line of defence
                 out.append((handle, ApiError(400, str(e))))
                 return
@@ -156,8 +183,26 @@ class Batcher:
         self.steps += 1
         for d in deltas:
             handle = self._handles.pop(d.seq_id) if d.finished else self._handles.get(d.seq_id)
-            if handle is not None:
-                out.append((handle, d))
+            if handle is None:
+                continue
+            if d.error is not None:
+                log.warning("a sequence failed alone (the rest of the batch goes on): %s", d.error)
+                out.append((handle, EngineFailure(d.error)))
+                continue
+            if d.completion is not None:
+                self._remember(handle, d.completion)
+            out.append((handle, d))
+
+    def _remember(self, handle: Handle, done: Completion) -> None:
+        """Cache the states a finished sequence leaves; keep them in the completion only for a capture."""
+        if handle.key is not None:
+            if done.prompt_state is not None:
+                self.cache.put(handle.key, handle.prompt[:-1], done.prompt_state)
+            if done.state is not None:
+                self.cache.put(handle.key, handle.prompt + done.tokens[:-1], done.state)
+        if not handle.capture:
+            done.state = None
+        done.prompt_state = None
 
     @staticmethod
     def _post(out: list[tuple[Handle, Any]]) -> None:

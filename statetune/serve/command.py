@@ -1,12 +1,13 @@
 """``statetune serve``: the options, and start-up (model, states, engine thread, HTTP server).
 
-The model is loaded once and every state of ``--states`` DIR is read and checked against it before the
-server listens; a state that does not fit is reported and skipped. See docs/serve.md.
+The model is loaded once and the states of ``--states`` DIR are indexed (headers checked against it) before
+the server listens; a state that does not fit is reported and skipped. See docs/serve.md.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -58,14 +59,30 @@ class ServeOptions:
     dtype: str = field(default="auto", metadata=_h("fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on CUDA)."))
     grace_period: float = field(default=10.0, metadata=_h(
         "On shutdown, seconds requests in flight get to finish before they are cancelled."))
-    access_log: bool = field(default=False, metadata=_h("Log every HTTP request."))
+    access_log: bool = field(default=False, metadata=_h(
+        "Log every HTTP request as one JSON line (route, status, duration, tokens, cache, time to first token)."))
+    cache_mb: float = field(default=512.0, metadata=_h(
+        "Memory for the prefix-state cache, in MiB (0: no cache): states after prompts and answers, so that a "
+        "request starting with a cached prefix (a chat's history) reads only the rest."))
+    cache_device: str | None = field(default=None, metadata=_h(
+        "Where cached states are kept (default: the model's device; cpu keeps accelerator memory free)."))
+    max_loaded_states: int = field(default=64, metadata=_h(
+        "Most state files held in memory at once (least recently used first out); the others are read on "
+        "first use."))
+    playground: bool | None = field(default=None, metadata=_h(
+        "Serve the playground page at / (default: on when listening on loopback only)."))
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_limit", "max_batch_size", "max_prompt_tokens", "prefill_tokens"):
+        for name in ("max_tokens_limit", "max_batch_size", "max_prompt_tokens", "prefill_tokens",
+                     "max_loaded_states"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise OptionError(f"--port: must be in 0..65535, got {self.port}")
+        if not math.isfinite(self.cache_mb) or self.cache_mb < 0:
+            raise OptionError(f"--cache-mb: must be a finite number, 0 or more, got {self.cache_mb}")
+        if not math.isfinite(self.grace_period):
+            raise OptionError(f"--grace-period: must be a finite number, got {self.grace_period}")
         if self.grace_period < 0:
             raise OptionError(f"--grace-period: must be 0 or more, got {self.grace_period}")
         if self.tokenizer not in ("auto", "world", "bytes"):
@@ -78,6 +95,10 @@ class ServeOptions:
             raise OptionError(f"--states: not a directory: {self.states}")
 
     @property
+    def serves_playground(self) -> bool:
+        return self.host in LOOPBACK if self.playground is None else self.playground
+
+    @property
     def base_name(self) -> str:
         return self.model_name or Path(self.model).stem
 
@@ -88,8 +109,11 @@ class ServeOptions:
 
 def build_service(opts: ServeOptions) -> Service:
     """Load the model and the states; returns the :class:`~statetune.serve.service.Service` (not started)."""
+    import torch
+
     from statetune.model.checkpoint import load_model
     from statetune.serve.batcher import Batcher
+    from statetune.serve.cache import PrefixCache
     from statetune.serve.prompts import Limits
     from statetune.serve.registry import Registry
     from statetune.serve.service import Service
@@ -100,11 +124,16 @@ def build_service(opts: ServeOptions) -> Service:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise OptionError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
                           f"vocabulary has only {model.config.vocab_size}")
-    registry = Registry(model, tokenizer, opts.base_name, opts.states)
+    try:
+        cache_device = torch.device(opts.cache_device) if opts.cache_device else model.device
+    except RuntimeError as e:
+        raise OptionError(f"--cache-device: not a torch device: {opts.cache_device!r} ({e})") from None
+    cache = PrefixCache(int(opts.cache_mb * (1 << 20)), cache_device)
+    registry = Registry(model, tokenizer, opts.base_name, opts.states, opts.max_loaded_states, on_drop=cache.drop)
     registry.reload()
     log.info("model %s (%s, %d layers, tokenizer %s) as %r", opts.model, model.config.version,
              model.config.n_layer, tokenizer.name, opts.base_name)
-    batcher = Batcher(model, tokenizer, opts.max_batch_size, opts.prefill_tokens)
+    batcher = Batcher(model, tokenizer, opts.max_batch_size, opts.prefill_tokens, cache)
     limits = Limits(opts.max_tokens_limit, opts.max_prompt_tokens, model.config.vocab_size)
     return Service(model, tokenizer, registry, batcher, limits)
 
@@ -118,8 +147,8 @@ def make_server(opts: ServeOptions, service: Service | None = None) -> Server:
     from statetune.serve.server import Server
 
     service = service or build_service(opts)
-    app = create_app(service, opts.key())
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_config=None, access_log=opts.access_log,
+    app = create_app(service, opts.key(), playground=opts.serves_playground, access_log=opts.access_log)
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5, server_header=False)
     return Server(config, service, opts.grace_period)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         409: "conflict_error",
          413: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
 
 

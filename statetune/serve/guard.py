@@ -2,7 +2,8 @@
 
 Both checks run before FastAPI reads or parses anything, so an unauthenticated client learns nothing about
 the API (not even whether its JSON is valid) and a huge body is refused instead of read into memory. The
-key is compared in constant time. ``/health`` stays open so that a load balancer needs no key.
+key is compared in constant time. ``/health`` stays open so that a load balancer needs no key, and so do
+the playground's page and files (they hold no data; the API calls the page makes need the key).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/")
+OPEN_PREFIXES = ("/playground/",)
 
 
 class Guard:
@@ -35,7 +37,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self.key is not None and scope.get("path") not in OPEN_PATHS and not self._authorized(headers):
+        if self.key is not None and not _open(scope.get("path", "")) and not self._authorized(headers):
             await _reply(send, 401, error_body(401, "missing or wrong API key: send the header "
                                                     "'Authorization: Bearer KEY'", code="invalid_api_key"),
                          [(b"www-authenticate", b"Bearer")])
@@ -77,6 +79,10 @@ class Guard:
                 await send(message)
 
         return capped_receive, capped_send
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 async def _reply(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -68,6 +68,7 @@ def completion_prompt(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer
     if isinstance(prompt, str):
         if not prompt:
             raise ApiError(400, "prompt: empty; the model needs at least one token to continue from", "prompt")
+        check_text(prompt, "prompt")
         text = prompt
         if not req.raw:
             try:
@@ -75,7 +76,7 @@ def completion_prompt(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer
             except OptionError:
                 raise ApiError(400, f"prompt: the prompt template of {entry.name!r} ({entry.template!r}) needs "
                                "several fields; send the whole prompt text with \"raw\": true", "prompt") from None
-        ids = tokenizer.encode(text)
+        ids = encode_text(tokenizer, text, "prompt")
     else:
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < limits.vocab_size]
@@ -101,12 +102,32 @@ def chat_prompt_ids(req: ChatRequest, tokenizer: Tokenizer, limits: Limits) -> l
             content = "\n".join(p.text for p in m.content)
         else:
             content = m.content or ""
+        check_text(content, f"messages[{k}].content")
         messages.append({"role": role, "content": content})
     try:
         text = chat_prompt(messages)
     except RecordError as e:
         raise ApiError(400, f"{e.field}: {e.detail}", e.field) from None
-    return _check_length(tokenizer.encode(text), limits, "messages")
+    return _check_length(encode_text(tokenizer, text, "messages"), limits, "messages")
+
+
+def check_text(text: str, param: str) -> None:
+    """A 400 naming ``param`` unless ``text`` is valid Unicode (JSON can carry a lone surrogate, ``"\\ud800"``,
+    which no UTF-8 text and no tokenizer can hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param}: not valid Unicode text: {e.reason} (U+{ord(text[e.start]):04X} at "
+                       f"character {e.start})", param) from None
+
+
+def encode_text(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
+    """The token ids of ``text``; text the tokenizer cannot encode is a 400 naming ``param``, not a 500."""
+    check_text(text, param)
+    try:
+        return tokenizer.encode(text)
+    except (ValueError, UnicodeError) as e:
+        raise ApiError(400, f"{param}: the tokenizer cannot encode this text: {e}", param) from None
 
 
 def _check_length(ids: list[int], limits: Limits, param: str) -> list[int]:
@@ -155,6 +176,8 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        check_text(s, "stop")
     if any(not s for s in stops):
         raise ApiError(400, "stop: stop strings must not be empty", "stop")
     if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):

@@ -1,55 +1,78 @@
-"""The states a server offers, by name: every ``*.safetensors`` in ``--states`` DIR, and the base model.
+"""The states a server offers, by name: every ``*.safetensors`` in ``--states`` DIR, the base model, and
+states created over the API.
 
-States are read and checked against the model (shapes, fingerprint, tokenizer) once, when the registry is
-(re)loaded, never per request. A file that does not fit is reported on stderr and skipped; the others are
-still served. Requests name a state; the name is only ever a key of this table, never joined to a path, so
-no request can make the server read a file.
+At (re)load the directory is *indexed*: each file's safetensors header is read and checked against the model
+(keys, shapes, dtypes, the fingerprint recorded by ``train``, the tokenizer), but not its tensors, so starting
+with thousands of files costs what opening them costs. A state's tensors are read on first use into an LRU of
+at most ``max_loaded`` states (the least recently used unused one goes first); a request that has its state
+keeps it alive whatever the LRU does. When the directory holds no more files than the LRU can keep, every
+file is read and checked completely at (re)load instead, so a bad state is skipped before any request sees
+it. A file that fails its checks (at index or at first read) is reported on stderr and listed as skipped;
+the others are still served. Requests name a state; the name is only ever a key of this table, never joined
+to a path, so no request can make the server read a file.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from statetune.errors import StatetuneError
+import torch
+
+from statetune.errors import StateFileError, StatetuneError
 from statetune.infer.generate import Prompts, stops
 from statetune.model.state import RWKVState
+from statetune.serve.index import index_state
 from statetune.tokenizer import Tokenizer
 
 log = logging.getLogger("statetune.serve")
 SUFFIX = ".safetensors"
+_serial = itertools.count(1)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One servable state: its batch-1 start state, metadata, and what ``generate`` derives from them.
+    """One servable state: its metadata and what ``generate`` derives from it; the tensors live in the registry.
 
-    ``prompts`` wraps a completion prompt in the state's training template; ``stop_strings`` and
-    ``stop_ids`` are the default stops of a completion (the state's ``stop`` metadata, end of text).
+    ``key`` identifies this version of the state (a changed file gets a new key, so cached prefixes of the
+    old one are never used); ``prompts`` wraps a completion prompt in the state's training template;
+    ``stop_strings`` and ``stop_ids`` are a completion's default stops (the state's ``stop`` metadata, end of
+    text); ``origin`` is ``base``, ``file`` or ``api`` (created over the API and kept in memory).
     """
 
     name: str
-    state: RWKVState
+    key: str
     metadata: dict[str, Any]
     path: Path | None
     prompts: Prompts
     stop_strings: list[str]
     stop_ids: list[int]
+    origin: str = "file"
+    has_shift: bool = False
+    nbytes: int = 0
+    signature: tuple[int, int, int] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def template(self) -> str | None:
         return self.prompts.template
 
+    @property
+    def deletable(self) -> bool:
+        """Created over the API (in memory, or persisted by it): ``DELETE /v1/states/NAME`` may remove it."""
+        return self.origin == "api" or self.metadata.get("created_by") == "api"
+
 
 @dataclass
 class ReloadReport:
-    """What a (re)scan found: names added, removed and re-read, and the files skipped with the reason."""
+    """What a (re)scan found: names added, removed and changed, and the files skipped with the reason."""
 
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -68,28 +91,41 @@ def tokenizer_name(meta: dict[str, Any]) -> str | None:
     return named if isinstance(named, str) and named else None
 
 
-def make_entry(name: str, state: RWKVState, meta: dict[str, Any], path: Path | None, tokenizer: Tokenizer) -> Entry:
+def make_entry(name: str, meta: dict[str, Any], path: Path | None, tokenizer: Tokenizer, **kw: Any) -> Entry:
     """An :class:`Entry`, with the prompt template and default stops taken the way ``generate`` takes them."""
     prompts = Prompts(SimpleNamespace(raw=False, prompt_field=None, prompt_template=None), meta)
     strings, ids = stops(SimpleNamespace(stop=None, stop_token=None), meta, tokenizer)
-    return Entry(name, state, meta, path, prompts, strings, ids)
+    return Entry(name, f"{name}#{next(_serial)}", meta, path, prompts, strings, ids, **kw)
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class Registry:
-    """Name → :class:`Entry` for the base model and the states of a directory; safe to read from any thread.
+    """Name → :class:`Entry`, and the LRU of loaded states; safe to use from any thread.
 
-    ``reload`` builds a new table and swaps it in whole, so a request sees either the old or the new table;
-    a request already decoding keeps the state it started with.
+    ``on_drop(key)`` is called for every state version that goes away (so the prefix cache can forget it).
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, base_name: str, states_dir: str | Path | None) -> None:
+    def __init__(self, model, tokenizer: Tokenizer, base_name: str, states_dir: str | Path | None,
+                 max_loaded: int = 64, on_drop=None) -> None:
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
         self.states_dir = Path(states_dir) if states_dir is not None else None
+        self.max_loaded = max(1, max_loaded)
+        self.on_drop = on_drop or (lambda key: None)
+        self.fingerprint = model.fingerprint()
         base_state = model.default_state if model.default_state is not None else model.zero_state(1)
-        self.base = make_entry(base_name, base_state, {}, None, tokenizer)
+        self.base = make_entry(base_name, {}, None, tokenizer, origin="base")
         self._entries: dict[str, Entry] = {base_name: self.base}
-        self._lock = threading.Lock()
+        self._resident: dict[str, RWKVState] = {self.base.key: base_state}  # never evicted
+        self._loaded: OrderedDict[str, RWKVState] = OrderedDict()
+        self.skipped: list[dict[str, str]] = []
+        self.loads = self.evictions = 0
+        self._lock = threading.RLock()
 
+    # -- reading the table -----------------------------------------------------------------------------------
     def get(self, name: str) -> Entry | None:
         return self._entries.get(name)
 
@@ -100,12 +136,67 @@ class Registry:
     def entries(self) -> list[Entry]:
         return list(self._entries.values())
 
-    def reload(self) -> ReloadReport:
-        """Rescan the states directory (every file is read again); reports problems on stderr too."""
+    def is_loaded(self, entry: Entry) -> bool:
+        return entry.key in self._loaded or entry.key in self._resident
+
+    @property
+    def loaded(self) -> int:
+        """States whose tensors are in memory: the LRU's and the resident ones (base, created)."""
+        return len(self._loaded) + len(self._resident)
+
+    # -- states ------------------------------------------------------------------------------------------------
+    def state(self, entry: Entry) -> RWKVState:
+        """The start state of ``entry``, read (and checked) on first use; raises :class:`StateFileError`
+        when the file cannot be used, and then stops serving it."""
         with self._lock:
-            old = self._entries
+            state = self._resident.get(entry.key)
+            if state is None:
+                state = self._loaded.get(entry.key)
+                if state is not None:
+                    self._loaded.move_to_end(entry.key)
+            if state is not None:
+                return state
+            try:
+                state = self._read(entry)
+            except StatetuneError as e:
+                self._fail(entry, str(e).removeprefix(f"{entry.path}: "))
+                raise
+            except Exception as e:  # a corrupt file must never stop the server or hide the other states
+                self._fail(entry, f"unreadable state file: {type(e).__name__}: {e}")
+                raise StateFileError(f"{entry.path}: unreadable state file: {type(e).__name__}: {e}") from None
+            self._keep(entry.key, state)
+            return state
+
+    def _read(self, entry: Entry) -> RWKVState:
+        from statetune.tuning.statefile import load_state
+
+        state = load_state(entry.path, self.model).state
+        for name, t in zip(("att_shift", "wkv", "ffn_shift"), state.tensors(), strict=True):
+            if not bool(torch.isfinite(t).all()):
+                raise StateFileError(f"{entry.path}: {name} has non-finite values (NaN or infinite)")
+        self.loads += 1
+        return state
+
+    def _keep(self, key: str, state: RWKVState) -> None:
+        self._loaded[key] = state
+        while len(self._loaded) > self.max_loaded:
+            self._loaded.popitem(last=False)  # requests holding it keep their own reference
+            self.evictions += 1
+
+    def _fail(self, entry: Entry, why: str) -> None:
+        log.warning("skipping %s: %s", entry.path.name if entry.path else entry.name, why)
+        if self._entries.get(entry.name) is entry:
+            self._entries = {n: e for n, e in self._entries.items() if n != entry.name}
+            self.on_drop(entry.key)
+        self.skipped = [s for s in self.skipped if s["file"] != entry.path.name] + [
+            {"file": entry.path.name, "error": why}]
+
+    # -- (re)loading the directory -----------------------------------------------------------------------------
+    def reload(self) -> ReloadReport:
+        """Rescan the states directory: index new and changed files, forget removed ones."""
+        with self._lock:
+            old, report = self._entries, ReloadReport()
             new: dict[str, Entry] = {self.base_name: self.base}
-            report = ReloadReport()
             for path in self._files(report):
                 name = path.name[:-len(SUFFIX)]
                 if name == self.base_name:
@@ -113,18 +204,52 @@ class Registry:
                                              "the model another --model-name")
                     continue
                 try:
-                    new[name] = self._load(name, path)
+                    sig = _signature(path)
+                    prev = old.get(name)
+                    if prev is not None and prev.signature == sig and prev.path == path:
+                        new[name] = prev
+                        continue
+                    new[name] = self._index(name, path, sig)
                 except StatetuneError as e:
                     self._skip(report, path, str(e).removeprefix(f"{path}: "))
                 except Exception as e:  # a corrupt file must never stop the server or hide the other states
                     self._skip(report, path, f"unreadable state file: {type(e).__name__}: {e}")
-            report.added = [n for n in new if n not in old]
-            report.removed = [n for n in old if n not in new]
-            report.reloaded = [n for n in new if n in old and n != self.base_name]
-            self._entries = new
-            log.info("serving %d state(s) besides the base model %r: %s", len(new) - 1, self.base_name,
-                     ", ".join(n for n in new if n != self.base_name) or "none")
+            new.update((n, e) for n, e in old.items() if e.origin == "api")
+            self._swap(old, new, report)
+            files = [e for e in new.values() if e.origin == "file"]
+            if len(files) <= self.max_loaded:  # everything fits: read and check it all now
+                for e in files:
+                    try:
+                        self.state(e)
+                    except StatetuneError as err:
+                        report.skipped.append({"file": e.path.name, "error": str(err).removeprefix(f"{e.path}: ")})
+            report.added = [n for n in report.added if n in self._entries]
+            self.skipped = list(report.skipped)
+            log.info("serving %d state(s) besides the base model %r%s", len(self._entries) - 1, self.base_name,
+                     f": {', '.join(list(self._entries)[1:9])}{', ...' if len(self._entries) > 9 else ''}"
+                     if len(self._entries) > 1 else "")
             return report
+
+    def _index(self, name: str, path: Path, sig: tuple[int, int, int]) -> Entry:
+        header = index_state(path, self.model, self.fingerprint)
+        named = tokenizer_name(header.metadata)
+        if named is not None and named != self.tokenizer.name:
+            raise StateFileError(f"{path}: the state was trained with the {named!r} tokenizer, but this server "
+                                 f"uses {self.tokenizer.name!r}")
+        return make_entry(name, header.metadata, path, self.tokenizer, has_shift=header.has_shift,
+                          nbytes=header.nbytes, signature=sig)
+
+    def _swap(self, old: dict[str, Entry], new: dict[str, Entry], report: ReloadReport) -> None:
+        report.added = [n for n in new if n not in old]
+        report.removed = [n for n in old if n not in new]
+        report.reloaded = [n for n in new if n in old and new[n] is not old[n]]
+        live = {e.key for e in new.values()}
+        for e in old.values():
+            if e.key not in live:
+                self._loaded.pop(e.key, None)
+                self.on_drop(e.key)
+        self._entries = {self.base_name: self.base, **dict(sorted((n, e) for n, e in new.items()
+                                                                  if n != self.base_name))}
 
     def _files(self, report: ReloadReport) -> list[Path]:
         if self.states_dir is None:
@@ -135,17 +260,34 @@ class Registry:
         return sorted(p for p in self.states_dir.iterdir()
                       if p.name.endswith(SUFFIX) and not p.name.startswith(".") and p.is_file())
 
-    def _load(self, name: str, path: Path) -> Entry:
-        from statetune.tuning.statefile import load_state
-
-        sf = load_state(path, self.model)
-        named = tokenizer_name(sf.metadata)
-        if named is not None and named != self.tokenizer.name:
-            raise StatetuneError(f"the state was trained with the {named!r} tokenizer, but this server "
-                                 f"uses {self.tokenizer.name!r}")
-        return make_entry(name, sf.state, sf.metadata, path, self.tokenizer)
-
     @staticmethod
     def _skip(report: ReloadReport, path: Path, why: str) -> None:
         log.warning("skipping %s: %s", path.name, why)
         report.skipped.append({"file": path.name, "error": why})
+
+    # -- states created over the API ---------------------------------------------------------------------------
+    def add(self, name: str, state: RWKVState, metadata: dict[str, Any], path: Path | None = None) -> Entry:
+        """Serve ``state`` as ``name``: in memory, or (``path``: the file it was just written to) as a file."""
+        with self._lock:
+            if name in self._entries:
+                raise ValueError(f"a state called {name!r} exists already")
+            if path is None:
+                entry = make_entry(name, metadata, None, self.tokenizer, origin="api", has_shift=True)
+                self._resident[entry.key] = state
+            else:
+                entry = self._index(name, path, _signature(path))
+                self._keep(entry.key, state)
+            self._entries = {**self._entries, name: entry}
+            return entry
+
+    def remove(self, entry: Entry) -> None:
+        """Stop serving ``entry`` (and delete its file when it has one)."""
+        with self._lock:
+            if self._entries.get(entry.name) is not entry:
+                return
+            self._entries = {n: e for n, e in self._entries.items() if n != entry.name}
+            self._resident.pop(entry.key, None)
+            self._loaded.pop(entry.key, None)
+            self.on_drop(entry.key)
+            if entry.path is not None:
+                entry.path.unlink(missing_ok=True)

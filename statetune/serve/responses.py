@@ -69,4 +69,5 @@ def model_card(entry: Entry, base_name: str) -> dict[str, Any]:
     """An entry of ``GET /v1/models``; ``root`` is the base model a state runs on."""
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "statetune",
             "root": base_name, "parent": None if entry.path is None else base_name,
-            "prompt_template": entry.template}
+            "prompt_template": entry.template, "token_shift": entry.has_shift, "origin": entry.origin,
+            "metadata": entry.metadata}

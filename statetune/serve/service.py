@@ -17,11 +17,13 @@ from functools import partial
 
 from starlette.requests import Request
 
+from statetune.errors import StatetuneError
 from statetune.infer.engine import Delta
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
 from statetune.serve.batcher import Batcher, Handle
-from statetune.serve.errors import ApiError, ShuttingDown
+from statetune.serve.errors import ApiError, EngineFailure, ShuttingDown
+from statetune.serve.metrics import Metrics
 from statetune.serve.prompts import Limits
 from statetune.serve.registry import Entry, Registry
 from statetune.tokenizer import Tokenizer
@@ -41,6 +43,11 @@ class Service:
     limits: Limits
     draining: bool = False
     inflight: int = 0
+    metrics: Metrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = Metrics(self)
 
     def lookup(self, name: str) -> Entry:
         """The entry called ``name``; a 404 listing the names otherwise. Names are never paths."""
@@ -51,20 +58,34 @@ class Service:
                            code="model_not_found", available=names)
         return entry
 
-    async def generate(self, prompt: list[int], state: RWKVState, params: SamplingParams,
-                       request: Request) -> AsyncIterator[Delta]:
-        """Decode one sequence, yielding its deltas until the one with a ``finish_reason``.
+    async def start_state(self, entry: Entry) -> RWKVState:
+        """The start state of ``entry``, read from its file (off the event loop) on first use."""
+        try:
+            return await asyncio.to_thread(self.registry.state, entry)
+        except StatetuneError as e:
+            raise ApiError(500, f"the state {entry.name!r} cannot be used, and is no longer served: "
+                           f"{str(e).removeprefix(f'{entry.path}: ')}", "model", code="state_unreadable") from None
 
-        Raises :class:`ApiError` when it cannot finish (shutdown, engine failure); simply ends early when
-        the client disconnects. Use it inside ``contextlib.aclosing`` so that leaving early cancels it.
+    async def generate(self, prompt: list[int], entry: Entry | None, params: SamplingParams, request: Request,
+                       capture: bool = False, info: dict | None = None) -> AsyncIterator[Delta]:
+        """Decode one sequence from ``entry``'s state, yielding its deltas until the one with a ``finish_reason``.
+
+        Raises :class:`ApiError` when it cannot finish (shutdown, a failure of this sequence); simply ends
+        early when the client disconnects. Use it inside ``contextlib.aclosing`` so that leaving early
+        cancels it. ``entry`` None starts from zeros. ``capture`` keeps the final state in the last delta's
+        completion; ``info`` (the access log's fields of this request) gets the prompt tokens the cache saved
+        and the time to first token.
         """
         if self.draining:
             raise ShuttingDown()
-        handle = self.batcher.submit(prompt, state, params)
+        state = self.model.zero_state(1) if entry is None else await self.start_state(entry)
+        handle = self.batcher.submit(prompt, state, params, None if entry is None else entry.key, capture)
+        del state  # the handle holds it until the engine has read the prompt
         self.inflight += 1
         watcher = asyncio.create_task(_disconnected(request))
         watcher.add_done_callback(partial(_on_disconnect, handle))
-        finished = False
+        finished, last, m = False, None, self.metrics
+        m.prompt_tokens.inc(len(prompt))
         try:
             while True:
                 item = await handle.queue.get()
@@ -72,7 +93,18 @@ class Service:
                     return
                 if isinstance(item, ApiError):
                     finished = True
+                    if isinstance(item, EngineFailure):
+                        m.failures.inc()
                     raise item
+                now = time.perf_counter()
+                if last is None:
+                    m.ttft.observe(now - handle.submitted)
+                    if info is not None:
+                        info.update(cached_tokens=handle.cached, ttft_ms=round((now - handle.submitted) * 1e3, 1))
+                else:
+                    m.token_latency.observe(now - last)
+                last = now
+                m.generated.inc()
                 finished = item.finished
                 yield item
                 if finished:

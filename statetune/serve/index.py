@@ -1,0 +1,116 @@
+"""Index a state file from its safetensors header alone: names, shapes, dtypes and metadata, no tensor data.
+
+A safetensors file starts with an 8-byte little-endian length and that many bytes of JSON: one entry per
+tensor (``dtype``, ``shape``, ``data_offsets``) and ``__metadata__``. Reading only that lets a server index
+thousands of state files at start in the time it takes to open them, and refuse, before any request, a file
+that cannot fit the model (missing layers, other shapes, a non-float dtype, token-shift vectors for some
+layers only, another model's fingerprint). The values themselves are checked when the state is first read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from statetune.errors import StateFileError
+
+MAX_HEADER = 16 << 20  # a state file's header is a few KB; anything near this is not a state file
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+WKV, ATT, FFN = "blocks.{i}.att.time_state", "blocks.{i}.att.time_shift", "blocks.{i}.ffn.time_shift"
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a state file's header says: its metadata (JSON values decoded), size and token-shift presence."""
+
+    metadata: dict[str, Any]
+    nbytes: int
+    has_shift: bool
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensor entries and the raw ``__metadata__`` of a safetensors file, reading only its header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise StateFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise StateFileError(f"{path}: not a safetensors state file (header of {n} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) < n:
+        raise StateFileError(f"{path}: truncated safetensors header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateFileError(f"{path}: not a safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise StateFileError(f"{path}: not a safetensors file: its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise StateFileError(f"{path}: __metadata__ must map names to strings")
+    return header, meta
+
+
+def decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
+    """Metadata values as statetune writes them: JSON where they parse as JSON, text otherwise."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def index_state(path: Path, model, fingerprint: str) -> Header:
+    """Check a state file's header against ``model`` (whose fingerprint is given: it is computed once per
+    index, not per file) and return what the index keeps.
+
+    Raises :class:`StateFileError` naming the key and what was expected and found.
+    """
+    tensors, raw_meta = read_header(path)
+    cfg = model.config
+    C = cfg.n_head * cfg.head_size
+    want = {WKV: [cfg.n_head, cfg.head_size, cfg.head_size], ATT: [C], FFN: [C]}
+    has_shift = ATT.format(i=0) in tensors
+    nbytes = 0
+    for i in range(cfg.n_layer):
+        for pattern in (WKV, ATT, FFN) if has_shift else (WKV,):
+            key = pattern.format(i=i)
+            entry = tensors.get(key)
+            if not isinstance(entry, dict):
+                why = "token-shift vectors must be there for every layer or none" if pattern != WKV else \
+                    f"the model has {cfg.n_layer} layers"
+                raise StateFileError(f"{path}: missing {key!r} ({why})")
+            dtype, shape = entry.get("dtype"), entry.get("shape")
+            if dtype not in FLOAT_DTYPES:
+                raise StateFileError(f"{path}: {key}: expected a floating dtype, found {dtype}")
+            if shape != want[pattern]:
+                raise StateFileError(f"{path}: {key}: expected shape {want[pattern]}, found {shape}")
+            nbytes += FLOAT_DTYPES[dtype] * _numel(shape)
+    extra = WKV.format(i=cfg.n_layer)
+    if extra in tensors:
+        raise StateFileError(f"{path}: {extra!r} is there, but the model has {cfg.n_layer} layers")
+    if not has_shift and (ATT.format(i=1) in tensors or FFN.format(i=0) in tensors):
+        raise StateFileError(f"{path}: missing {ATT.format(i=0)!r} (token-shift vectors must be there for every "
+                             "layer or none)")
+    meta = decode_metadata(raw_meta)
+    fp = meta.get("model_fingerprint")
+    if fp is not None and fp != fingerprint:
+        raise StateFileError(f"{path}: state was trained on a different base model (fingerprint {fp}, this "
+                             f"model's is {fingerprint})")
+    return Header(meta, nbytes, has_shift)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
