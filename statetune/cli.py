@@ -50,6 +50,11 @@ STATE_COMMANDS: dict[str, Command] = {
                        "Interpolate states of the same model."),
 }
 
+MODEL_COMMANDS: dict[str, Command] = {
+    "convert": Command("statetune.commands.model", "ModelConvertOptions", "convert",
+                       "Convert a model between the official .pth layout and a Hugging Face directory."),
+}
+
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": Command("statetune.data.prepare", "PrepareOptions", "prepare",
                        "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
@@ -64,6 +69,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "serve": Command("statetune.serve.command", "ServeOptions", "serve",
                      "Serve a model and its states over an OpenAI-compatible HTTP API."),
     "state": STATE_COMMANDS,
+    "model": MODEL_COMMANDS,
     "demo": Command("statetune.demo", "DemoOptions", "demo",
                     "Tune a state on the shipped small model and show the gain."),
     "smoke": Command("statetune.smoke", "SmokeOptions", "smoke",

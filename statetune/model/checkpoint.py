@@ -1,4 +1,5 @@
-"""Read official RWKV checkpoints (``.pth`` without unpickling code, or ``.safetensors``) into models."""
+"""Read RWKV checkpoints into models: official ``.pth`` (without unpickling code) or ``.safetensors``
+files, and Hugging Face model directories of RWKV-7 (renamed to the official names on the way in)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,36 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return sd
 
 
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file or Hugging Face directory, under official names, all floating point.
+
+    Integer-quantised weights (int8/uint8 and the scales beside them) would be read as plain numbers and
+    give a silently wrong model, so they are refused by name.
+    """
+    if Path(path).is_dir():
+        from statetune.model.hf import read_hf_dir
+
+        sd = read_hf_dir(path)
+    else:
+        sd = dict(read_state_dict(path))
+    quantised = sorted(k for k, v in sd.items() if v.dtype in INTEGER_DTYPES)
+    if quantised:
+        raise CheckpointError(
+            f"{path}: {len(quantised)} tensor(s) hold integer (quantised) weights, e.g. {quantised[0]} "
+            f"({sd[quantised[0]].dtype}); statetune needs fp32/bf16/fp16 weights: use the unquantised checkpoint")
+    return sd
+
+
 def read_vocab_size(path: str | Path) -> int:
     """The vocabulary size of a checkpoint (rows of ``emb.weight``), without building the model."""
     p = Path(path)
+    if p.is_dir():
+        from statetune.model.hf import hf_vocab_size
+
+        return hf_vocab_size(p)
     if p.suffix == ".safetensors" and p.is_file():
         from safetensors import safe_open
 
@@ -92,13 +120,15 @@ def split_time_state(sd: dict[str, Tensor], cfg: RWKVConfig, where: str) -> RWKV
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> RWKVBase:
-    """Load an official RWKV-7 (x070) or RWKV-6 (x060) checkpoint, frozen, in ``dtype`` on ``device``.
+    """Load an RWKV-7 (x070) or RWKV-6 (x060) model, frozen, in ``dtype`` on ``device``.
 
-    Sizes come from tensor shapes. Keys are matched exactly: a missing, unexpected or misshapen key is a
+    ``path`` is an official checkpoint file (``.pth`` or ``.safetensors``) or a Hugging Face model
+    directory of RWKV-7 (``config.json`` with ``model.safetensors`` or sharded safetensors). Sizes come
+    from tensor shapes. Keys are matched exactly: a missing, unexpected or misshapen key is a
     :class:`CheckpointError` naming the file and the keys.
     """
     where = str(path)
-    sd = dict(read_state_dict(path))
+    sd = read_weights(path)
     cfg = infer_config(sd, where)
     default_state = split_time_state(sd, cfg, where)
     model = build_model(cfg)

@@ -1,0 +1,1 @@
+"""One module per CLI command: its options dataclass and a thin function over the library."""

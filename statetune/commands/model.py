@@ -1,0 +1,63 @@
+"""``statetune model convert``: move a model between the official layout and a Hugging Face directory."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from statetune.errors import OptionError
+from statetune.model.convert import LAYOUTS, convert_checkpoint
+
+DTYPES = ("keep", "fp32", "bf16", "fp16")
+_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+def parse_size(text: str, flag: str) -> int | None:
+    """``"5GB"`` -> bytes; ``""`` -> None (no sharding)."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    unit = m.group(2) if m else ""
+    if not m or (unit and unit not in _UNITS):
+        raise OptionError(f"{flag}: expected a size such as 5GB or 500MB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class ModelConvertOptions:
+    """Convert a model between the official layout (.pth/.safetensors file) and a Hugging Face directory."""
+
+    input: str = field(metadata=_h("Model to read: an official .pth/.safetensors file or an HF directory.",
+                                   positional=True))
+    output: str = field(metadata=_h("Where to write: a file for --to pth, a new directory for --to hf.",
+                                    positional=True))
+    to: str = field(default="", metadata=_h(f"Output layout: {', '.join(LAYOUTS)} (default: the other one)."))
+    dtype: str = field(default="keep", metadata=_h(f"Weight dtype to write: {', '.join(DTYPES)}."))
+    max_shard_size: str = field(default="", metadata=_h("--to hf: split the weights into safetensors shards "
+                                                        "of at most this size (e.g. 5GB); default one file."))
+
+    def __post_init__(self) -> None:
+        from pathlib import Path
+
+        if not self.to:
+            self.to = "pth" if Path(self.input).is_dir() else "hf"
+        if self.to not in LAYOUTS:
+            raise OptionError(f"--to: unknown layout {self.to!r}; choose from {', '.join(LAYOUTS)}")
+        if self.dtype not in DTYPES:
+            raise OptionError(f"--dtype: unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        parse_size(self.max_shard_size, "--max-shard-size")
+
+
+def convert(opts: ModelConvertOptions) -> int:
+    """Run the conversion and say where it went."""
+    import torch
+
+    dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
+    out = convert_checkpoint(opts.input, opts.output, opts.to, dtype,
+                             parse_size(opts.max_shard_size, "--max-shard-size"))
+    print(f"wrote {out} ({opts.to})")
+    return 0
