@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(name, e, debug)
     finally:
         restore()
-    return result if isinstance(result, int) else 0
+    code = result if isinstance(result, int) else 0
+    return 143 if code == 130 and terminated() else code  # a command that stopped cleanly on SIGTERM
 
 
 def _report(name: str, exc: Exception, debug: bool) -> int:

@@ -49,6 +49,8 @@ def explain(exc: BaseException) -> tuple[str, int] | None:
         return _os_message(exc), RUNTIME
     if isinstance(exc, UnicodeDecodeError):
         return f"input is not valid UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} at {exc.start})", RUNTIME
+    if isinstance(exc, UnicodeEncodeError):
+        return f"text that cannot be written as {exc.encoding} (character {exc.start}: {exc.reason})", RUNTIME
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", RUNTIME
     if isinstance(exc, tomllib.TOMLDecodeError):

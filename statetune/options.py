@@ -92,6 +92,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             value = _finite(value)
         if tp in (str, Path) and str(value) == "" and flag(name) in EMPTY_IS_WRONG:
             raise ValueError("a file name cannot be empty")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                _utf8(text)
     except (ValueError, TypeError) as e:
         choices = ""
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -112,6 +115,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _utf8(text: str) -> None:
+    """Refuse text that cannot be UTF-8 (an argument whose bytes were not UTF-8 arrives as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")[e.start:e.start + 1] if e.start < len(text) else b""
+        raise ValueError(f"not valid UTF-8 (byte {raw!r} at character {e.start})") from None
+
+
 def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a TOML config whose keys are field names (``_`` or ``-``); unknown keys are errors."""
     p = Path(path)
@@ -122,6 +134,10 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         raise OptionError(f"--config: file not found: {p}") from None
     except tomllib.TOMLDecodeError as e:
         raise OptionError(f"--config: {p} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise OptionError(f"--config: {p} is not valid TOML: not UTF-8 at byte {e.start}") from None
+    except RecursionError:
+        raise OptionError(f"--config: {p} is nested too deeply to read") from None
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for k, v in raw.items():

@@ -32,6 +32,7 @@ def test_failed_commands_and_bad_bytes_leave_the_session_going(tiny_ckpt, tmp_pa
     before = snapshot(blocker, bad, ints)
     script = (b"hello\n"
               + f"/save {blocker}/x.safetensors\n/load {bad}\n/load {ints}\n/load {tmp_path}\n".encode()
+              + f"/save {tmp_path}/c.bin\n/save {tmp_path}/c.pth\n".encode()
               + b"caf\xe9 \xff\n"  # Latin-1, not UTF-8
               + b"more please\n")
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(script), encoding="utf-8"))
@@ -42,6 +43,8 @@ def test_failed_commands_and_bad_bytes_leave_the_session_going(tiny_ckpt, tmp_pa
     assert f"{blocker} is a file, not a directory" in err
     assert "bad.safetensors: not a readable state file" in err
     assert "expected a floating-point tensor, found torch.int32" in err
-    assert "line 6 is not valid UTF-8" in err
-    assert err.count("error:") == 5
+    assert "/save: cannot tell the state format from the name" in err
+    assert "line 8 is not valid UTF-8" in err
+    assert err.count("error:") == 6
+    assert (tmp_path / "c.pth").read_bytes()[:2] == b"PK" and not (tmp_path / "c.bin").exists()
     assert unchanged(before) and not list(tmp_path.glob(".*.tmp"))

@@ -51,6 +51,11 @@ def test_non_finite_values_everywhere_name_the_flag(tiny_ckpt, tmp_path, capsys)
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "run").exists()
 
 
+def test_an_argument_that_is_not_utf8_names_its_flag(tiny_ckpt, capsys):
+    prompt = b"ab\xff".decode("utf-8", "surrogateescape")  # how Python passes such an argv entry on
+    fails(capsys, ["generate", "--model", tiny_ckpt(), "--prompt", prompt], 2, "--prompt:", "not valid UTF-8")
+
+
 def test_decode_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("lr = [1,\n")

@@ -98,15 +98,17 @@ class ChatSession:
         self.state, self.turns = self.start, 0
 
     def save(self, path: str) -> None:
-        """Save the conversation state (with token-shift states) as a state file with chat metadata."""
-        from statetune.tuning.statefile import save_state
+        """Save the conversation state as a state file with chat metadata, in the format the name's extension
+        picks (``.safetensors``: with token-shift states and metadata; ``.pth``: for RWKV-Runner)."""
+        from statetune.tuning.formats import format_for, write_as
+        from statetune.tuning.statefile import StateFile
 
         meta: dict[str, Any] = {k: v for k, v in self.setup.metadata.items() if k == "trained"}
         meta.update(tokenizer=self.tokenizer.name, data_format=Format.CHAT.value,
                     **templates_for(Format.CHAT, None, None), eos=None,
                     stop={"ids": self.tokenizer.encode(CHAT_END), "text": CHAT_END},
                     conversation={"turns": self.turns})
-        save_state(path, self.state, self.model, meta, with_shift=True)
+        write_as(StateFile(self.state, meta, has_shift=True), path, format_for(path, None, "/save"), self.model)
 
     def load(self, path: str) -> None:
         from statetune.tuning.statefile import load_state
