@@ -128,10 +128,12 @@ def test_eval_refuses_zero_loss_tokens(base, tmp_path, capsys, caplog, runtime_c
     assert rc == runtime_code and "no record has a loss token" in err and "perplexity" in err
 
 
-def test_eval_max_prompts_zero_is_a_usage_error(base, capsys, caplog):
-    rc, err = cli(["eval", "--model", str(base["model"]), "--data", str(base["val"]), "--generate",
-                   "--max-prompts", "0"], capsys, caplog)
-    assert rc == USAGE and "--max-prompts: must be at least 1, got 0" in err
+@pytest.mark.parametrize("flags,match", [(["--max-prompts", "0"], "--max-prompts: must be at least 1, got 0"),
+                                         (["--examples", "-1"], "--examples: must not be negative, got -1")])
+def test_eval_counts_out_of_range_are_usage_errors(base, capsys, caplog, flags, match):
+    rc, err = cli(["eval", "--model", str(base["model"]), "--data", str(base["val"]), "--generate", *flags],
+                  capsys, caplog)
+    assert rc == USAGE and match in err
 
 
 def test_eval_generate_without_prompts_is_refused(base, tmp_path, capsys, caplog, runtime_code):
@@ -206,13 +208,17 @@ def test_damaged_metrics_line_is_an_error_naming_it(run, capsys, caplog, runtime
         {k: v for k, v in before.items() if k != "config.toml"}
 
 
-@pytest.mark.parametrize("text,match", [("max_steps = 4\nlr = [\n", "not valid TOML"),
-                                        ("max_steps = 4\nlearning_rate = 1.0\n", "unknown option 'learning_rate'")])
+@pytest.mark.parametrize("text,match", [
+    ("lr = [\n", "config.toml is damaged: {cfg} is not valid TOML"),
+    ("learning_rate = 1.0\n", "config.toml is damaged: {cfg}: unknown option 'learning_rate'"),
+    ("batch_size = 0\n", "{cfg} holds an invalid option: --batch-size: must be at least 1, got 0"),
+], ids=["not_toml", "unknown_key", "invalid_value"])
 def test_corrupt_config_is_an_error(run, capsys, caplog, runtime_code, text, match):
-    (run / "config.toml").write_text(text)
+    cfg = run / "config.toml"
+    cfg.write_text(cfg.read_text().replace("batch_size = 8\n", "") + text)
     before = snapshot(run)
     rc, err = cli(["train", "--resume", str(run)], capsys, caplog)
-    assert rc == runtime_code and "config.toml is damaged" in err and match in err
+    assert rc == runtime_code and match.format(cfg=cfg) in err
     assert snapshot(run) == before
 
 
