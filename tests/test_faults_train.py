@@ -209,13 +209,14 @@ def test_damaged_metrics_line_is_an_error_naming_it(run, capsys, caplog, runtime
 
 
 @pytest.mark.parametrize("text,match", [
-    ("lr = [\n", "config.toml is damaged: {cfg} is not valid TOML"),
-    ("learning_rate = 1.0\n", "config.toml is damaged: {cfg}: unknown option 'learning_rate'"),
-    ("batch_size = 0\n", "{cfg} holds an invalid option: --batch-size: must be at least 1, got 0"),
-], ids=["not_toml", "unknown_key", "invalid_value"])
+    (b"lr = [\n", "config.toml is damaged: {cfg} is not valid TOML"),
+    (b"learning_rate = 1.0\n", "config.toml is damaged: {cfg}: unknown option 'learning_rate'"),
+    (b"batch_size = 0\n", "{cfg} holds an invalid option: --batch-size: must be at least 1, got 0"),
+    (b"name = \"\xff\"\n", "config.toml is damaged: "),
+], ids=["not_toml", "unknown_key", "invalid_value", "not_utf8"])
 def test_corrupt_config_is_an_error(run, capsys, caplog, runtime_code, text, match):
     cfg = run / "config.toml"
-    cfg.write_text(cfg.read_text().replace("batch_size = 8\n", "") + text)
+    cfg.write_bytes(cfg.read_bytes().replace(b"batch_size = 8\n", b"") + text)
     before = snapshot(run)
     rc, err = cli(["train", "--resume", str(run)], capsys, caplog)
     assert rc == runtime_code and match.format(cfg=cfg) in err
@@ -236,6 +237,19 @@ def test_changed_training_data_is_refused(base, run, tmp_path, capsys, caplog, r
     before = snapshot(run)
     rc, err = cli(["train", "--resume", str(run), "--train-data", str(changed)], capsys, caplog)
     assert rc == runtime_code and "--train-data train.jsonl changed since" in err and "step-00000004.pt" in err
+    assert snapshot(run) == before
+
+
+def test_changed_model_is_refused(base, run, capsys, caplog, runtime_code):
+    """The run's model path holding other weights (as if the file had been replaced in place; here the config
+    points at another file, leaving the shared one alone): the checkpoint's fingerprint disagrees."""
+    cfg = run / "config.toml"
+    other = write_checkpoint(run.parent / "other.pth", "rwkv7", n_layer=2, n_embd=16, head_size=8, vocab_size=300,
+                             dim_ffn=40, seed=5)
+    cfg.write_text(cfg.read_text().replace(str(base["model"]), str(other)))
+    before = snapshot(run)
+    rc, err = cli(["train", "--resume", str(run)], capsys, caplog)
+    assert rc == runtime_code and "--model is not the base model" in err and "step-00000004.pt" in err
     assert snapshot(run) == before
 
 
