@@ -222,6 +222,7 @@ def _train(opts: TrainOptions, d: Dist) -> int:
     if ck is not None:
         rundir.check_same_inputs(ck.payload, run.model.fingerprint(), run.fingerprint, ck.path)
         run.restore(ck.payload)
+        rundir.check_length(run.step, run.total_steps, ck.path)
         log.info("resuming %s at step %d", run.run_dir, run.step)
     elif opts.resume:
         log.warning("%s has no checkpoint: the run starts again from step 0", run.run_dir)

@@ -118,6 +118,13 @@ def write_config(run_dir: Path, opts: TrainOptions) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def check_length(step: int, total_steps: int, where: Path) -> None:
+    """Refuse a resumed run whose (new) length ends before the step its checkpoint is at."""
+    if step > total_steps:
+        raise OptionError(f"--max-steps/--epochs: the run would end at step {total_steps}, but {where} is "
+                          f"already at step {step}; give a longer run (or use its state files as they are)")
+
+
 # -- data fingerprints ----------------------------------------------------------------------------------------
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """Name, size and SHA-256 of a file, read in 1 MiB blocks."""
