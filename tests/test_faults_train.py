@@ -128,10 +128,12 @@ def test_eval_refuses_zero_loss_tokens(base, tmp_path, capsys, caplog, runtime_c
     assert rc == runtime_code and "no record has a loss token" in err and "perplexity" in err
 
 
-def test_eval_max_prompts_zero_is_a_usage_error(base, capsys, caplog):
-    rc, err = cli(["eval", "--model", str(base["model"]), "--data", str(base["val"]), "--generate",
-                   "--max-prompts", "0"], capsys, caplog)
-    assert rc == USAGE and "--max-prompts: must be at least 1, got 0" in err
+@pytest.mark.parametrize("flags,match", [(["--max-prompts", "0"], "--max-prompts: must be at least 1, got 0"),
+                                         (["--examples", "-1"], "--examples: must not be negative, got -1")])
+def test_eval_counts_out_of_range_are_usage_errors(base, capsys, caplog, flags, match):
+    rc, err = cli(["eval", "--model", str(base["model"]), "--data", str(base["val"]), "--generate", *flags],
+                  capsys, caplog)
+    assert rc == USAGE and match in err
 
 
 def test_eval_generate_without_prompts_is_refused(base, tmp_path, capsys, caplog, runtime_code):
@@ -206,13 +208,18 @@ def test_damaged_metrics_line_is_an_error_naming_it(run, capsys, caplog, runtime
         {k: v for k, v in before.items() if k != "config.toml"}
 
 
-@pytest.mark.parametrize("text,match", [("max_steps = 4\nlr = [\n", "not valid TOML"),
-                                        ("max_steps = 4\nlearning_rate = 1.0\n", "unknown option 'learning_rate'")])
+@pytest.mark.parametrize("text,match", [
+    (b"lr = [\n", "config.toml is damaged: {cfg} is not valid TOML"),
+    (b"learning_rate = 1.0\n", "config.toml is damaged: {cfg}: unknown option 'learning_rate'"),
+    (b"batch_size = 0\n", "{cfg} holds an invalid option: --batch-size: must be at least 1, got 0"),
+    (b"name = \"\xff\"\n", "config.toml is damaged: "),
+], ids=["not_toml", "unknown_key", "invalid_value", "not_utf8"])
 def test_corrupt_config_is_an_error(run, capsys, caplog, runtime_code, text, match):
-    (run / "config.toml").write_text(text)
+    cfg = run / "config.toml"
+    cfg.write_bytes(cfg.read_bytes().replace(b"batch_size = 8\n", b"") + text)
     before = snapshot(run)
     rc, err = cli(["train", "--resume", str(run)], capsys, caplog)
-    assert rc == runtime_code and "config.toml is damaged" in err and match in err
+    assert rc == runtime_code and match.format(cfg=cfg) in err
     assert snapshot(run) == before
 
 
@@ -230,6 +237,19 @@ def test_changed_training_data_is_refused(base, run, tmp_path, capsys, caplog, r
     before = snapshot(run)
     rc, err = cli(["train", "--resume", str(run), "--train-data", str(changed)], capsys, caplog)
     assert rc == runtime_code and "--train-data train.jsonl changed since" in err and "step-00000004.pt" in err
+    assert snapshot(run) == before
+
+
+def test_changed_model_is_refused(base, run, capsys, caplog, runtime_code):
+    """The run's model path holding other weights (as if the file had been replaced in place; here the config
+    points at another file, leaving the shared one alone): the checkpoint's fingerprint disagrees."""
+    cfg = run / "config.toml"
+    other = write_checkpoint(run.parent / "other.pth", "rwkv7", n_layer=2, n_embd=16, head_size=8, vocab_size=300,
+                             dim_ffn=40, seed=5)
+    cfg.write_text(cfg.read_text().replace(str(base["model"]), str(other)))
+    before = snapshot(run)
+    rc, err = cli(["train", "--resume", str(run)], capsys, caplog)
+    assert rc == runtime_code and "--model is not the base model" in err and "step-00000004.pt" in err
     assert snapshot(run) == before
 
 
@@ -265,12 +285,13 @@ def test_overwrite_starts_over_and_keeps_other_files(base, run, capsys, caplog):
 @pytest.mark.parametrize("flags,match", [(["--lr", "0.5"], "--lr 0.5 differs from the run's lr = 1.0"),
                                          (["--batch-size", "4"], "--batch-size 4 differs"),
                                          (["--out", "elsewhere"], "a resumed run stays in"),
-                                         (["--overwrite"], "give one of them")])
+                                         (["--overwrite"], "give one of them"),
+                                         (["--max-steps", "3"], "the run would end at step 3, but")])
 def test_resume_with_contradicting_options_is_refused(run, capsys, caplog, flags, match):
     before = snapshot(run)
     rc, err = cli(["train", "--resume", str(run), *flags], capsys, caplog)
     assert rc == USAGE and match in err
-    if "--overwrite" not in flags:
+    if flags[0] not in ("--overwrite", "--max-steps"):
         assert "--max-steps" in err and "may change" in err  # the message lists what may change
     assert snapshot(run) == before
 

@@ -30,7 +30,8 @@ log = logging.getLogger("statetune.train")
 
 _NAME = re.compile(r"step-(\d+)\.pt$")
 # Keys every checkpoint payload has (older ones may lack the later additions such as "data").
-REQUIRED = ("step", "epoch", "batch_in_epoch", "tokens_seen", "tunable", "optimizer", "rng")
+REQUIRED = ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_val", "last_val", "baseline_val", "bad_evals",
+            "elapsed", "tunable", "optimizer", "rng")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

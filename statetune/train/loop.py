@@ -74,10 +74,16 @@ class Run:
                 "tokens_seen": self.tokens_seen, "best_val": self.best_val, "last_val": self.last_val,
                 "baseline_val": self.baseline_val,
                 "bad_evals": self.bad_evals, "elapsed": self.elapsed, "tunable": self.tunable.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "data": self.fingerprint}
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "data": self.fingerprint,
+                "model_fingerprint": self.model.fingerprint()}
 
     def restore(self, ck: dict) -> None:
-        self.tunable.load_state_dict(ck["tunable"])
+        try:
+            self.tunable.load_state_dict(ck["tunable"])
+        except RuntimeError as e:  # shapes or names differ: the checkpoint is another run's
+            raise CheckpointError(f"{self.run_dir}: the checkpoint's trainable tensors do not fit this run "
+                                  f"({str(e).splitlines()[0]}); it belongs to a run with another model or "
+                                  f"parameterisation") from None
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
         except ValueError as e:  # e.g. --tune-shift runs from before the shift states had their own group
@@ -214,8 +220,9 @@ def _train(opts: TrainOptions, d: Dist) -> int:
     run = Run(opts, d)
     ck = load_latest(run.run_dir, set_aside=d.main) if opts.resume else None
     if ck is not None:
-        rundir.check_same_data(ck.payload.get("data"), run.fingerprint, ck.path)
+        rundir.check_same_inputs(ck.payload, run.model.fingerprint(), run.fingerprint, ck.path)
         run.restore(ck.payload)
+        rundir.check_length(run.step, run.total_steps, ck.path)
         log.info("resuming %s at step %d", run.run_dir, run.step)
     elif opts.resume:
         log.warning("%s has no checkpoint: the run starts again from step 0", run.run_dir)

@@ -22,8 +22,8 @@ from statetune.train.options import TrainOptions
 # Options that may differ from the run's config.toml on --resume (documented in docs/training.md).
 MAY_CHANGE = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "patience", "samples",
               "progress", "device", "activation_checkpoint")
-# May point elsewhere on --resume, as long as the file's content is the same (checked against the checkpoint).
-MAY_MOVE = ("train_data", "val_data")
+# May point elsewhere on --resume, as long as the content is the same (checked against the checkpoint).
+MAY_MOVE = ("model", "train_data", "val_data")
 # What a run writes into its folder; --overwrite removes exactly these, nothing else.
 RUN_FILES = ("config.toml", "metrics.jsonl", "state-best.safetensors", "state-final.safetensors", "curves.png")
 RUN_DIRS = ("checkpoints", "tensorboard")
@@ -70,9 +70,9 @@ def resumed_options(opts: TrainOptions) -> TrainOptions:
     try:
         values = load_toml(cfg, TrainOptions)
     except OptionError as e:
-        detail = str(e).removeprefix("--config: ")
-        raise StatetuneError(f"--resume: the run's config.toml is damaged: {detail}; restore it (it holds "
-                             f"the options the run was started with) or start a new run") from None
+        raise _damaged(str(e).removeprefix("--config: ")) from None
+    except UnicodeDecodeError as e:
+        raise _damaged(f"{cfg}: not UTF-8 text (byte {e.start})") from None
     values.update(out=str(run), resume=str(run), overwrite=False)
     try:
         saved = build(TrainOptions, values)
@@ -86,10 +86,15 @@ def resumed_options(opts: TrainOptions) -> TrainOptions:
     if clash:
         may = ", ".join(flag(k) for k in MAY_CHANGE)
         raise OptionError(f"--resume {run}: {'; '.join(clash)}: only {may} may change when resuming (and the "
-                          f"data files may move); start a new run to change the others, e.g. with "
+                          f"model and data files may move); start a new run to change the others, e.g. with "
                           f"--init {run / 'state-best.safetensors'}")
     changes = {k: v for k, v in given.items() if k in MAY_CHANGE + MAY_MOVE}
     return dataclasses.replace(saved, **changes)
+
+
+def _damaged(detail: str) -> StatetuneError:
+    return StatetuneError(f"--resume: the run's config.toml is damaged: {detail}; restore it (it holds the "
+                          f"options the run was started with) or start a new run")
 
 
 def _explicit(opts: TrainOptions) -> dict[str, Any]:
@@ -113,6 +118,13 @@ def write_config(run_dir: Path, opts: TrainOptions) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def check_length(step: int, total_steps: int, where: Path) -> None:
+    """Refuse a resumed run whose (new) length ends before the step its checkpoint is at."""
+    if step > total_steps:
+        raise OptionError(f"--max-steps/--epochs: the run would end at step {total_steps}, but {where} is "
+                          f"already at step {step}; give a longer run (or use its state files as they are)")
+
+
 # -- data fingerprints ----------------------------------------------------------------------------------------
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """Name, size and SHA-256 of a file, read in 1 MiB blocks."""
@@ -130,10 +142,18 @@ def data_fingerprint(opts: TrainOptions) -> dict[str, Any]:
             "val": file_fingerprint(opts.val_data) if opts.val_data else None}
 
 
-def check_same_data(recorded: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
-    """Refuse to resume when the data differs from what the checkpoint was trained on."""
-    if recorded is None:  # checkpoints from before fingerprints: nothing to compare
-        return
+def check_same_inputs(payload: dict[str, Any], model_fingerprint: str, data: dict[str, Any], where: Path) -> None:
+    """Refuse to resume when the base model or the data differ from what the checkpoint was trained with
+    (checkpoints from before fingerprints were recorded have nothing to compare)."""
+    recorded_model = payload.get("model_fingerprint")
+    if recorded_model is not None and recorded_model != model_fingerprint:
+        raise StatetuneError(f"--resume: --model is not the base model {where} was trained on (fingerprint "
+                             f"{model_fingerprint}, the checkpoint's {recorded_model}); resume with that model")
+    if payload.get("data") is not None:
+        _check_same_data(payload["data"], data, where)
+
+
+def _check_same_data(recorded: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     for role, flag_name in (("train", "--train-data"), ("val", "--val-data")):
         old, new = recorded.get(role), current.get(role)
         if old is None and new is None:
