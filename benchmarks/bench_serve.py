@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the engine-only reference")
     ap.add_argument("--users", type=int, default=8, help="chat: concurrent conversations")
     ap.add_argument("--turns", type=int, default=20, help="chat: turns per conversation")
+    ap.add_argument("--no-cache-turns", type=int, default=None,
+                    help="chat: turns of the run without the cache (default: --turns; it costs quadratically)")
     ap.add_argument("--turn-tokens", type=int, default=40, help="chat: words per message and most tokens per answer")
     ap.add_argument("--chat-shape", choices=("0.1b", "small"), default="0.1b",
                     help="chat: random weights of RWKV-7 0.1B's shapes (12 x 768, World vocabulary), or the "
@@ -321,17 +323,19 @@ def chat_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     del model
     chat_args = argparse.Namespace(**{**vars(args), "clients": args.users, "max_tokens": args.turn_tokens})
     runs: dict[str, Any] = {}
-    for label, cache_mb in (("cache", args.cache_mb), ("no_cache", 0)):
+    no_cache_turns = args.turns if args.no_cache_turns is None else min(args.turns, args.no_cache_turns)
+    for label, cache_mb, turns in (("cache", args.cache_mb, args.turns), ("no_cache", 0, no_cache_turns)):
         proc, host, port = start_server(ckpt, states, chat_args, "--cache-mb", str(cache_mb))
         try:
             t0 = time.perf_counter()
-            conversations = asyncio.run(converse(host, port, args))
+            conversations = asyncio.run(converse(host, port, argparse.Namespace(**{**vars(args), "turns": turns})))
             seconds = time.perf_counter() - t0
             m = scrape(host, port)
         finally:
             proc.terminate()
             proc.wait(30)
-        ttft = [[c[t]["ttft"] for c in conversations if c[t]["ttft"] is not None] for t in range(args.turns)]
+        ttft = [[c[t]["ttft"] for c in conversations if c[t]["ttft"] is not None] for t in range(turns)]
+        ttft += [[] for _ in range(args.turns - turns)]
         runs[label] = {
             "seconds": seconds, "ttft_median_s_per_turn": [statistics.median(x) if x else None for x in ttft],
             "errors": sum(r["error"] is not None for c in conversations for r in c),
@@ -342,12 +346,14 @@ def chat_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "answers": [[r["text"] for r in c] for c in conversations]}
         print(f"  chat {label}: {seconds:.0f} s", file=sys.stderr)
     with_cache, without = runs["cache"]["ttft_median_s_per_turn"], runs["no_cache"]["ttft_median_s_per_turn"]
-    summary = {"turn20_vs_turn2_with_cache": ratio(with_cache[-1], with_cache[1]),
-               "turn20_vs_turn2_without_cache": ratio(without[-1], without[1]),
-               "last_turn_without_vs_with_cache": ratio(without[-1], with_cache[-1]),
+    last = no_cache_turns - 1
+    summary = {f"turn{args.turns}_vs_turn2_with_cache": ratio(with_cache[-1], with_cache[1]),
+               f"turn{no_cache_turns}_vs_turn2_without_cache": ratio(without[last], without[1]),
+               f"turn{no_cache_turns}_without_vs_with_cache": ratio(without[last], with_cache[last]),
                "prefill_tokens_saved": runs["cache"]["prefill_tokens_saved"],
                "prompt_tokens": runs["cache"]["prompt_tokens"],
-               "same_answers_with_and_without_cache": runs["cache"]["answers"] == runs["no_cache"]["answers"]}
+               "same_answers_with_and_without_cache": [c[:no_cache_turns] for c in runs["cache"]["answers"]]
+               == runs["no_cache"]["answers"]}
     for run in runs.values():
         del run["answers"]
     print(f"\n{args.users} conversations x {args.turns} turns ({args.turn_tokens} words in, <= {args.turn_tokens} "
@@ -355,10 +361,11 @@ def chat_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
           f"threads {args.server_threads}\n")
     print("| turn | TTFT with cache (median ms) | TTFT without cache (median ms) |")
     print("|---:|---:|---:|")
-    for t in sorted({0, 1, 4, 9, 14, args.turns - 1} & set(range(args.turns))):
+    for t in sorted({0, 1, 2, 4, 9, 14, no_cache_turns - 1, args.turns - 1} & set(range(args.turns))):
         print(f"| {t + 1} | {ms(with_cache[t])} | {ms(without[t])} |")
     print_rows([(k, str(v if not isinstance(v, float) else round(v, 3))) for k, v in summary.items()])
-    return {"model": shape, "users": args.users, "turns": args.turns, "turn_tokens": args.turn_tokens,
+    return {"model": shape, "users": args.users, "turns": args.turns, "no_cache_turns": no_cache_turns,
+            "turn_tokens": args.turn_tokens,
             "cache_mb": args.cache_mb, "runs": runs, "summary": summary}
 
 
