@@ -165,7 +165,7 @@ async def run_phase(host: str, port: int, names: list[str], args: argparse.Names
     ok = [r for r in results if r["error"] is None]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
     errors = [r["error"] for r in results if r["error"] is not None]
-    return {"states": len(names), "seconds": seconds, "requests": len(ok), "errors": len(errors),
+    return {"states": len(names), "seconds": seconds, "requests": len(ok), "errors": len(errors), "ttfts": ttft,
             "first_errors": sorted(set(map(str, errors)))[:3], "tokens": sum(r["tokens"] for r in ok),
             "requests_per_s": len(ok) / seconds, "tokens_per_s": sum(r["tokens"] for r in ok) / seconds,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)}
@@ -265,6 +265,7 @@ def load_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         proc.terminate()
         proc.wait(30)
     baseline = None if args.no_baseline else engine_baseline(ckpt, args)
+    phases = [{k: v for k, v in p.items() if k != "ttfts"} for p in phases]
 
     def total(k: int, key: str) -> float:
         sel = [p for p in phases if p["states"] == k]
@@ -413,25 +414,37 @@ def states_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         save_file(t, str(many_dir / f"u{k:04d}.safetensors"), metadata=meta)
     del model
     names = {"one": ["s0"], "many": [f"u{k:04d}" for k in range(args.many_states)]}
+    servers: dict[str, tuple[subprocess.Popen, str, int]] = {}
     out: dict[str, Any] = {}
-    for label, d in (("one", one_dir), ("many", many_dir)):
-        proc, host, port = start_server(ckpt, d, args, "--max-loaded-states", str(args.max_loaded_states),
-                                        "--cache-mb", str(args.cache_mb))
-        try:
-            startup = proc.startup_s
+    try:  # both servers stay up and the phases alternate, so a busy machine weighs on both alike
+        for label, d in (("one", one_dir), ("many", many_dir)):
+            servers[label] = start_server(ckpt, d, args, "--max-loaded-states", str(args.max_loaded_states),
+                                          "--cache-mb", str(args.cache_mb))
+            _, host, port = servers[label]
             asyncio.run(run_phase(host, port, names[label], argparse.Namespace(**{**vars(args), "duration": 1.0}),
                                   spread=True))
-            phase = asyncio.run(run_phase(host, port, names[label], args, spread=True))
-            m = scrape(host, port)
-            rss = peak_rss_mb(proc.pid)
-        finally:
+        phases: dict[str, list[dict[str, Any]]] = {"one": [], "many": []}
+        for _ in range(args.rounds):
+            for label in ("one", "many"):
+                _, host, port = servers[label]
+                phases[label].append(asyncio.run(run_phase(host, port, names[label], args, spread=True)))
+                print(f"  {label}: {phases[label][-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        for label, (proc, host, port) in servers.items():
+            m, sel = scrape(host, port), phases[label]
+            seconds = sum(p["seconds"] for p in sel)
+            ttft = sorted(t for p in sel for t in p["ttfts"])
+            out[label] = {"phases": [{k: v for k, v in p.items() if k != "ttfts"} for p in sel],
+                          "tokens_per_s": sum(p["tokens"] for p in sel) / seconds,
+                          "requests": sum(p["requests"] for p in sel), "errors": sum(p["errors"] for p in sel),
+                          "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+                          "startup_s": proc.startup_s, "peak_rss_mb": peak_rss_mb(proc.pid),
+                          "state_loads": m.get("statetune_state_loads_total"),
+                          "loaded_states": m.get("statetune_loaded_states"),
+                          "cache_bytes": m.get("statetune_cache_bytes")}
+    finally:
+        for proc, _, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-        out[label] = {**phase, "startup_s": startup, "peak_rss_mb": rss, "state_loads": m.get(
-            "statetune_state_loads_total"), "loaded_states": m.get("statetune_loaded_states"),
-            "cache_bytes": m.get("statetune_cache_bytes")}
-        print(f"  {label}: {phase['tokens_per_s']:.0f} tokens/s, start-up {startup:.1f} s, peak RSS {rss} MiB",
-              file=sys.stderr)
     one, many = out["one"], out["many"]
     cache_mib = (many["cache_bytes"] or 0) / (1 << 20)
     summary = {"throughput_many_vs_one": ratio(many["tokens_per_s"], one["tokens_per_s"]),
