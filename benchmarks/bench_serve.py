@@ -412,6 +412,12 @@ def states_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             t[f"blocks.{i}.att.time_shift"] = torch.randn(H * N, generator=g)
             t[f"blocks.{i}.ffn.time_shift"] = torch.randn(H * N, generator=g)
         save_file(t, str(many_dir / f"u{k:04d}.safetensors"), metadata=meta)
+    from statetune.serve.registry import Registry
+    from statetune.tokenizer import tokenizer_for_vocab
+
+    t0 = time.perf_counter()  # the index alone, in this process (a server's start-up adds imports and the model)
+    Registry(model, tokenizer_for_vocab(args.vocab), "base", many_dir, args.max_loaded_states).reload()
+    index_s = time.perf_counter() - t0
     del model
     names = {"one": ["s0"], "many": [f"u{k:04d}" for k in range(args.many_states)]}
     servers: dict[str, tuple[subprocess.Popen, str, int]] = {}
@@ -450,7 +456,8 @@ def states_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     summary = {"throughput_many_vs_one": ratio(many["tokens_per_s"], one["tokens_per_s"]),
                "peak_rss_many_vs_one": ratio(many["peak_rss_mb"], one["peak_rss_mb"]),
                "peak_rss_many_vs_one_plus_cache": ratio(many["peak_rss_mb"], (one["peak_rss_mb"] or 0) + cache_mib),
-               "startup_s_one": one["startup_s"], "startup_s_many": many["startup_s"]}
+               "startup_s_one": one["startup_s"], "startup_s_many": many["startup_s"],
+               f"index_{args.many_states}_files_s": index_s}
     print(f"\n{args.many_states} states (--max-loaded-states {args.max_loaded_states}) vs 1, {args.clients} clients, "
           f"requests spread uniformly, random RWKV-7 {args.layers}x{args.width}\n")
     print("| server | tokens/s | requests | errors | TTFT p50 ms | TTFT p99 ms | start-up s | peak RSS MiB | loads |")
