@@ -165,7 +165,7 @@ async def run_phase(host: str, port: int, names: list[str], args: argparse.Names
     ok = [r for r in results if r["error"] is None]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
     errors = [r["error"] for r in results if r["error"] is not None]
-    return {"states": len(names), "seconds": seconds, "requests": len(ok), "errors": len(errors),
+    return {"states": len(names), "seconds": seconds, "requests": len(ok), "errors": len(errors), "ttfts": ttft,
             "first_errors": sorted(set(map(str, errors)))[:3], "tokens": sum(r["tokens"] for r in ok),
             "requests_per_s": len(ok) / seconds, "tokens_per_s": sum(r["tokens"] for r in ok) / seconds,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)}
@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the engine-only reference")
     ap.add_argument("--users", type=int, default=8, help="chat: concurrent conversations")
     ap.add_argument("--turns", type=int, default=20, help="chat: turns per conversation")
+    ap.add_argument("--no-cache-turns", type=int, default=None,
+                    help="chat: turns of the run without the cache (default: --turns; it costs quadratically)")
     ap.add_argument("--turn-tokens", type=int, default=40, help="chat: words per message and most tokens per answer")
     ap.add_argument("--chat-shape", choices=("0.1b", "small"), default="0.1b",
                     help="chat: random weights of RWKV-7 0.1B's shapes (12 x 768, World vocabulary), or the "
@@ -263,6 +265,7 @@ def load_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         proc.terminate()
         proc.wait(30)
     baseline = None if args.no_baseline else engine_baseline(ckpt, args)
+    phases = [{k: v for k, v in p.items() if k != "ttfts"} for p in phases]
 
     def total(k: int, key: str) -> float:
         sel = [p for p in phases if p["states"] == k]
@@ -321,17 +324,19 @@ def chat_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     del model
     chat_args = argparse.Namespace(**{**vars(args), "clients": args.users, "max_tokens": args.turn_tokens})
     runs: dict[str, Any] = {}
-    for label, cache_mb in (("cache", args.cache_mb), ("no_cache", 0)):
+    no_cache_turns = args.turns if args.no_cache_turns is None else min(args.turns, args.no_cache_turns)
+    for label, cache_mb, turns in (("cache", args.cache_mb, args.turns), ("no_cache", 0, no_cache_turns)):
         proc, host, port = start_server(ckpt, states, chat_args, "--cache-mb", str(cache_mb))
         try:
             t0 = time.perf_counter()
-            conversations = asyncio.run(converse(host, port, args))
+            conversations = asyncio.run(converse(host, port, argparse.Namespace(**{**vars(args), "turns": turns})))
             seconds = time.perf_counter() - t0
             m = scrape(host, port)
         finally:
             proc.terminate()
             proc.wait(30)
-        ttft = [[c[t]["ttft"] for c in conversations if c[t]["ttft"] is not None] for t in range(args.turns)]
+        ttft = [[c[t]["ttft"] for c in conversations if c[t]["ttft"] is not None] for t in range(turns)]
+        ttft += [[] for _ in range(args.turns - turns)]
         runs[label] = {
             "seconds": seconds, "ttft_median_s_per_turn": [statistics.median(x) if x else None for x in ttft],
             "errors": sum(r["error"] is not None for c in conversations for r in c),
@@ -342,12 +347,14 @@ def chat_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "answers": [[r["text"] for r in c] for c in conversations]}
         print(f"  chat {label}: {seconds:.0f} s", file=sys.stderr)
     with_cache, without = runs["cache"]["ttft_median_s_per_turn"], runs["no_cache"]["ttft_median_s_per_turn"]
-    summary = {"turn20_vs_turn2_with_cache": ratio(with_cache[-1], with_cache[1]),
-               "turn20_vs_turn2_without_cache": ratio(without[-1], without[1]),
-               "last_turn_without_vs_with_cache": ratio(without[-1], with_cache[-1]),
+    last = no_cache_turns - 1
+    summary = {f"turn{args.turns}_vs_turn2_with_cache": ratio(with_cache[-1], with_cache[1]),
+               f"turn{no_cache_turns}_vs_turn2_without_cache": ratio(without[last], without[1]),
+               f"turn{no_cache_turns}_without_vs_with_cache": ratio(without[last], with_cache[last]),
                "prefill_tokens_saved": runs["cache"]["prefill_tokens_saved"],
                "prompt_tokens": runs["cache"]["prompt_tokens"],
-               "same_answers_with_and_without_cache": runs["cache"]["answers"] == runs["no_cache"]["answers"]}
+               "same_answers_with_and_without_cache": [c[:no_cache_turns] for c in runs["cache"]["answers"]]
+               == runs["no_cache"]["answers"]}
     for run in runs.values():
         del run["answers"]
     print(f"\n{args.users} conversations x {args.turns} turns ({args.turn_tokens} words in, <= {args.turn_tokens} "
@@ -355,10 +362,11 @@ def chat_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
           f"threads {args.server_threads}\n")
     print("| turn | TTFT with cache (median ms) | TTFT without cache (median ms) |")
     print("|---:|---:|---:|")
-    for t in sorted({0, 1, 4, 9, 14, args.turns - 1} & set(range(args.turns))):
+    for t in sorted({0, 1, 2, 4, 9, 14, no_cache_turns - 1, args.turns - 1} & set(range(args.turns))):
         print(f"| {t + 1} | {ms(with_cache[t])} | {ms(without[t])} |")
     print_rows([(k, str(v if not isinstance(v, float) else round(v, 3))) for k, v in summary.items()])
-    return {"model": shape, "users": args.users, "turns": args.turns, "turn_tokens": args.turn_tokens,
+    return {"model": shape, "users": args.users, "turns": args.turns, "no_cache_turns": no_cache_turns,
+            "turn_tokens": args.turn_tokens,
             "cache_mb": args.cache_mb, "runs": runs, "summary": summary}
 
 
@@ -404,33 +412,52 @@ def states_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             t[f"blocks.{i}.att.time_shift"] = torch.randn(H * N, generator=g)
             t[f"blocks.{i}.ffn.time_shift"] = torch.randn(H * N, generator=g)
         save_file(t, str(many_dir / f"u{k:04d}.safetensors"), metadata=meta)
+    from statetune.serve.registry import Registry
+    from statetune.tokenizer import tokenizer_for_vocab
+
+    t0 = time.perf_counter()  # the index alone, in this process (a server's start-up adds imports and the model)
+    Registry(model, tokenizer_for_vocab(args.vocab), "base", many_dir, args.max_loaded_states).reload()
+    index_s = time.perf_counter() - t0
     del model
     names = {"one": ["s0"], "many": [f"u{k:04d}" for k in range(args.many_states)]}
+    servers: dict[str, tuple[subprocess.Popen, str, int]] = {}
     out: dict[str, Any] = {}
-    for label, d in (("one", one_dir), ("many", many_dir)):
-        proc, host, port = start_server(ckpt, d, args, "--max-loaded-states", str(args.max_loaded_states),
-                                        "--cache-mb", str(args.cache_mb))
-        try:
-            startup = proc.startup_s
+    try:  # both servers stay up and the phases alternate, so a busy machine weighs on both alike
+        for label, d in (("one", one_dir), ("many", many_dir)):
+            servers[label] = start_server(ckpt, d, args, "--max-loaded-states", str(args.max_loaded_states),
+                                          "--cache-mb", str(args.cache_mb))
+            _, host, port = servers[label]
             asyncio.run(run_phase(host, port, names[label], argparse.Namespace(**{**vars(args), "duration": 1.0}),
                                   spread=True))
-            phase = asyncio.run(run_phase(host, port, names[label], args, spread=True))
-            m = scrape(host, port)
-            rss = peak_rss_mb(proc.pid)
-        finally:
+        phases: dict[str, list[dict[str, Any]]] = {"one": [], "many": []}
+        for _ in range(args.rounds):
+            for label in ("one", "many"):
+                _, host, port = servers[label]
+                phases[label].append(asyncio.run(run_phase(host, port, names[label], args, spread=True)))
+                print(f"  {label}: {phases[label][-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        for label, (proc, host, port) in servers.items():
+            m, sel = scrape(host, port), phases[label]
+            seconds = sum(p["seconds"] for p in sel)
+            ttft = sorted(t for p in sel for t in p["ttfts"])
+            out[label] = {"phases": [{k: v for k, v in p.items() if k != "ttfts"} for p in sel],
+                          "tokens_per_s": sum(p["tokens"] for p in sel) / seconds,
+                          "requests": sum(p["requests"] for p in sel), "errors": sum(p["errors"] for p in sel),
+                          "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+                          "startup_s": proc.startup_s, "peak_rss_mb": peak_rss_mb(proc.pid),
+                          "state_loads": m.get("statetune_state_loads_total"),
+                          "loaded_states": m.get("statetune_loaded_states"),
+                          "cache_bytes": m.get("statetune_cache_bytes")}
+    finally:
+        for proc, _, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-        out[label] = {**phase, "startup_s": startup, "peak_rss_mb": rss, "state_loads": m.get(
-            "statetune_state_loads_total"), "loaded_states": m.get("statetune_loaded_states"),
-            "cache_bytes": m.get("statetune_cache_bytes")}
-        print(f"  {label}: {phase['tokens_per_s']:.0f} tokens/s, start-up {startup:.1f} s, peak RSS {rss} MiB",
-              file=sys.stderr)
     one, many = out["one"], out["many"]
     cache_mib = (many["cache_bytes"] or 0) / (1 << 20)
     summary = {"throughput_many_vs_one": ratio(many["tokens_per_s"], one["tokens_per_s"]),
                "peak_rss_many_vs_one": ratio(many["peak_rss_mb"], one["peak_rss_mb"]),
                "peak_rss_many_vs_one_plus_cache": ratio(many["peak_rss_mb"], (one["peak_rss_mb"] or 0) + cache_mib),
-               "startup_s_one": one["startup_s"], "startup_s_many": many["startup_s"]}
+               "startup_s_one": one["startup_s"], "startup_s_many": many["startup_s"],
+               f"index_{args.many_states}_files_s": index_s}
     print(f"\n{args.many_states} states (--max-loaded-states {args.max_loaded_states}) vs 1, {args.clients} clients, "
           f"requests spread uniformly, random RWKV-7 {args.layers}x{args.width}\n")
     print("| server | tokens/s | requests | errors | TTFT p50 ms | TTFT p99 ms | start-up s | peak RSS MiB | loads |")

@@ -45,7 +45,7 @@ class Handle:
     """
 
     prompt: list[int]
-    state: RWKVState
+    state: RWKVState | None
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     key: str | None = None
@@ -154,7 +154,7 @@ class Batcher:
             try:
                 handle.seq_id = self.engine.add(handle.prompt[cached:], start, handle.params,
                                                 keep_state=caching or handle.capture, keep_prompt_state=caching)
-                handle.cached = cached
+                handle.cached, handle.state = cached, None  # the engine holds it until it has read the prompt
             except ValueError as e:  # validated by the request already; this is a last line of defence
                 out.append((handle, ApiError(400, str(e))))
                 return

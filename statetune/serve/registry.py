@@ -29,7 +29,7 @@ import torch
 from statetune.errors import StateFileError, StatetuneError
 from statetune.infer.generate import Prompts, stops
 from statetune.model.state import RWKVState
-from statetune.serve.index import index_state
+from statetune.serve.index import index_state, tokenizer_name
 from statetune.tokenizer import Tokenizer
 
 log = logging.getLogger("statetune.serve")
@@ -81,14 +81,6 @@ class ReloadReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"added": self.added, "removed": self.removed, "reloaded": self.reloaded, "skipped": self.skipped}
-
-
-def tokenizer_name(meta: dict[str, Any]) -> str | None:
-    """The tokenizer a state's metadata names (a string, or ``{"name": ...}``), if any."""
-    named = meta.get("tokenizer")
-    if isinstance(named, dict):
-        named = named.get("name")
-    return named if isinstance(named, str) and named else None
 
 
 def make_entry(name: str, meta: dict[str, Any], path: Path | None, tokenizer: Tokenizer, **kw: Any) -> Entry:
@@ -166,6 +158,18 @@ class Registry:
                 raise StateFileError(f"{entry.path}: unreadable state file: {type(e).__name__}: {e}") from None
             self._keep(entry.key, state)
             return state
+
+    def peek(self, entry: Entry) -> RWKVState | None:
+        """The state of ``entry`` if it is in memory and the table is free now (never waits for a load)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            state = self._resident.get(entry.key)
+            if state is None and (state := self._loaded.get(entry.key)) is not None:
+                self._loaded.move_to_end(entry.key)
+            return state
+        finally:
+            self._lock.release()
 
     def _read(self, entry: Entry) -> RWKVState:
         from statetune.tuning.statefile import load_state

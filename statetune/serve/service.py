@@ -61,7 +61,8 @@ class Service:
     async def start_state(self, entry: Entry) -> RWKVState:
         """The start state of ``entry``, read from its file (off the event loop) on first use."""
         try:
-            return await asyncio.to_thread(self.registry.state, entry)
+            state = self.registry.peek(entry)  # in memory: no file to read, no thread needed
+            return state if state is not None else await asyncio.to_thread(self.registry.state, entry)
         except StatetuneError as e:
             raise ApiError(500, f"the state {entry.name!r} cannot be used, and is no longer served: "
                            f"{str(e).removeprefix(f'{entry.path}: ')}", "model", code="state_unreadable") from None

@@ -65,8 +65,14 @@ def add_state_routes(app: FastAPI, service: Service) -> None:
         return {"object": "list", "data": [describe(e, service) for e in registry.entries()],
                 "skipped": registry.skipped, "max_loaded_states": registry.max_loaded}
 
+    creating = asyncio.Lock()  # one create at a time: a name is checked and taken in one step
+
     @app.post("/v1/states")
     async def create(body: CreateState, request: Request) -> JSONResponse:
+        async with creating:
+            return await _create(body, request)
+
+    async def _create(body: CreateState, request: Request) -> JSONResponse:
         name = check_name(body.name)
         if registry.get(name) is not None:
             raise ApiError(409, f"name: a state called {name!r} exists already", "name", code="state_exists")
