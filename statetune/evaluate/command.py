@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from statetune.data.loader import TokenDataset
+from statetune.device import resolve_device
 from statetune.errors import OptionError
 from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
@@ -73,7 +74,7 @@ def evaluate(opts: EvalOptions) -> int:
     from statetune.train.setup import dataset_meta, pick_tokenizer
     from statetune.tuning.formats import read_any
 
-    model = load_model(opts.model, device=opts.device)
+    model = load_model(opts.model, device=resolve_device(opts.device))
     data = TokenDataset(opts.data, model.config.vocab_size)
     meta = dataset_meta(opts.data)
     tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)

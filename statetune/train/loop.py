@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
+from statetune.device import resolve_device
 from statetune.errors import CheckpointError
 from statetune.evaluate.loss import dataset_loss
 from statetune.fileio import atomic_write
@@ -199,7 +200,7 @@ def train(opts: TrainOptions) -> int:
     """
     if opts.resume:
         opts = resumed_options(opts)
-    d = init_distributed(opts.device)
+    d = init_distributed(str(resolve_device(opts.device)))
     torch.manual_seed(opts.seed)
     try:
         return _train(opts, d)
