@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from statetune.device import resolve_device
 from statetune.errors import OptionError, StatetuneError
 
 PROMPT = "Input: {mr}\n\nResponse:"
@@ -92,7 +93,7 @@ def demo(opts: DemoOptions) -> int:
     before, after = vals[0]["loss"], min(e["loss"] for e in vals[1:])
 
     print(f"[3/4] generating for {n_prompts} held-out meaning representations, untuned and tuned", flush=True)
-    model = load_model(model_path, device=opts.device)
+    model = load_model(model_path, device=resolve_device(opts.device))
     tok = tokenizer_for_vocab(model.config.vocab_size)
     state = load_state(run / "state-best.safetensors", model).state
     groups = prompts_and_references(TokenDataset(val_path, model.config.vocab_size), {tok.eot_id})[:n_prompts]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from statetune.device import resolve_device
 from statetune.errors import OptionError
 
 
@@ -39,7 +40,7 @@ def smoke(opts: SmokeOptions) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tiny.pth"
         torch.save(random_checkpoint(opts.arch, n_layer=4, n_embd=128, head_size=64, vocab_size=1024), path)
-        model = load_model(path, device=opts.device)
+        model = load_model(path, device=resolve_device(opts.device))
     cfg = model.config
     print(f"model: {cfg.version}, {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads of "
           f"{cfg.head_size}, vocab {cfg.vocab_size}")

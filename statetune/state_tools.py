@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from statetune.device import resolve_device
 from statetune.errors import OptionError, StateFileError
 from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
@@ -26,7 +27,7 @@ def _load_model(path: str | None, device: str = "cpu"):
         return None
     from statetune.model.checkpoint import load_model
 
-    return load_model(path, device=device)
+    return load_model(path, device=resolve_device(device))
 
 
 # -- info ----------------------------------------------------------------------------------------------------

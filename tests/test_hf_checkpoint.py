@@ -238,3 +238,12 @@ def test_rwkv6_and_merged_states_are_not_written_as_hf(tiny_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="merged state"):
         convert_checkpoint(tmp_path / "merged.pth", tmp_path / "hf7", "hf")
     assert not (tmp_path / "hf7").exists() and not list(tmp_path.glob(".hf*"))
+
+
+def test_commands_take_an_hf_directory_as_model(tiny_ckpt, our_hf_dir, capsys):
+    outs = []
+    for model in (tiny_ckpt("rwkv7"), our_hf_dir):
+        assert main(["generate", "--model", str(model), "--prompt", "Hi", "--max-tokens", "6", "--temperature", "0",
+                     "--tokenizer", "bytes"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()

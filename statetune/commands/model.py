@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from statetune.errors import OptionError
 from statetune.model.convert import LAYOUTS, convert_checkpoint
@@ -41,8 +42,6 @@ class ModelConvertOptions:
                                                         "of at most this size (e.g. 5GB); default one file."))
 
     def __post_init__(self) -> None:
-        from pathlib import Path
-
         if not self.to:
             self.to = "pth" if Path(self.input).is_dir() else "hf"
         if self.to not in LAYOUTS:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from statetune.data.loader import TokenDataset
+from statetune.device import resolve_device
 from statetune.errors import DataError, OptionError
 from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
@@ -78,7 +79,7 @@ def evaluate(opts: EvalOptions) -> int:
     from statetune.train.setup import dataset_meta, pick_tokenizer
     from statetune.tuning.formats import read_any
 
-    model = load_model(opts.model, device=opts.device)
+    model = load_model(opts.model, device=resolve_device(opts.device))
     data = TokenDataset(opts.data, model.config.vocab_size)
     if data.loss_tokens == 0:
         raise DataError(f"--data {opts.data}: no record has a loss token (every mask is 0 after the first "

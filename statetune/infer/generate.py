@@ -20,6 +20,7 @@ from statetune.data.fields import RecordError, Template, text_field, unescape
 from statetune.data.formats import CHAT_END, CHAT_ROLES, Format, detect_format, normalize_chat
 from statetune.data.readers import parse_json_line, read_items
 from statetune.data.report import templates_for
+from statetune.device import resolve_device
 from statetune.errors import DataError, OptionError
 from statetune.infer.engine import Completion, Engine
 from statetune.infer.sampling import SamplingOptions, SamplingParams
@@ -106,7 +107,7 @@ def load_setup(opts: ModelOptions) -> Setup:
     from statetune.train.setup import pick_tokenizer, resolve_dtype
     from statetune.tuning.statefile import load_state
 
-    model = load_model(opts.model, device=opts.device, dtype=resolve_dtype(opts.dtype, opts.device))
+    model = load_model(opts.model, device=resolve_device(opts.device), dtype=resolve_dtype(opts.dtype, opts.device))
     meta: dict[str, Any] = {}
     if opts.state is not None:
         sf = load_state(opts.state, model)

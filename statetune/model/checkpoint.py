@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from statetune.device import resolve_device
 from statetune.errors import CheckpointError
 from statetune.model.base import RWKVBase
 from statetune.model.config import V7, RWKVConfig, infer_config
@@ -128,6 +129,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     :class:`CheckpointError` naming the file and the keys.
     """
     where = str(path)
+    device = resolve_device(device, flag="load_model(device=...)")
     sd = read_weights(path)
     cfg = infer_config(sd, where)
     default_state = split_time_state(sd, cfg, where)

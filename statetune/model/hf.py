@@ -29,11 +29,6 @@ INDEX = "model.safetensors.index.json"
 NORM_EPS = 1e-5  # the official LayerNorm eps; fla derives the GroupNorm eps from it
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    """True when ``path`` is a directory (a Hugging Face model directory, or meant to be one)."""
-    return Path(path).is_dir()
-
-
 def read_config(root: Path) -> dict[str, Any]:
     """``config.json`` of a model directory, checked to describe an RWKV-7 model."""
     p = root / CONFIG

@@ -8,6 +8,8 @@ import os
 
 from torch import Tensor
 
+from statetune.errors import OptionError
+
 IMPLS = ("auto", "reference", "chunked", "fla")
 
 
@@ -27,8 +29,26 @@ def choose(impl: str, x: Tensor) -> str:
         impl = os.environ.get("STATETUNE_WKV", "auto")  # a process-wide override, for debugging
         if impl not in IMPLS:
             raise ValueError(f"STATETUNE_WKV={impl!r}: choose from {', '.join(IMPLS)}")
+    if impl == "fla":
+        check_fla(x)
     if impl != "auto":
         return impl
     if x.is_cuda and fla_available():
         return "fla"
     return "chunked"
+
+
+def triton_interpreter_on() -> bool:
+    """True when Triton's interpreter is switched on (``TRITON_INTERPRET=1``): kernels then run on CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_fla(x: Tensor) -> None:
+    """Refuse the fla path where it cannot run, before Triton fails deep inside with "0 active drivers"."""
+    source = "STATETUNE_WKV=fla" if os.environ.get("STATETUNE_WKV") == "fla" else "WKV implementation 'fla'"
+    if not fla_available():
+        raise OptionError(f"{source}: flash-linear-attention is not installed (or STATETUNE_NO_FLA=1); install "
+                          f"the 'cuda' extra (pip install 'statetune[cuda]') or use 'chunked'")
+    if not x.is_cuda and not triton_interpreter_on():
+        raise OptionError(f"{source}: fla's kernels need CUDA tensors, got {x.device.type}; use 'chunked' on "
+                          f"CPU (or set TRITON_INTERPRET=1 to run them in Triton's interpreter, slowly, for tests)")

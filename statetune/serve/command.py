@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from statetune.device import resolve_device
 from statetune.errors import OptionError
 from statetune.infer.generate import DTYPES
 
@@ -119,7 +120,7 @@ def build_service(opts: ServeOptions) -> Service:
     from statetune.serve.service import Service
     from statetune.train.setup import pick_tokenizer, resolve_dtype
 
-    model = load_model(opts.model, device=opts.device, dtype=resolve_dtype(opts.dtype, opts.device))
+    model = load_model(opts.model, device=resolve_device(opts.device), dtype=resolve_dtype(opts.dtype, opts.device))
     tokenizer = pick_tokenizer(opts.tokenizer, {}, model.config.vocab_size)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise OptionError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
+from statetune.device import resolve_device
 from statetune.errors import CheckpointError, DataError
 from statetune.evaluate.loss import dataset_loss
 from statetune.infer.greedy import greedy_continue
@@ -208,7 +209,7 @@ def train(opts: TrainOptions) -> int:
         opts = rundir.resumed_options(opts)
     else:
         rundir.check_fresh(opts)
-    d = init_distributed(opts.device)
+    d = init_distributed(str(resolve_device(opts.device)))
     torch.manual_seed(opts.seed)
     try:
         return _train(opts, d)
