@@ -25,6 +25,7 @@ def resumed_options(opts: TrainOptions) -> TrainOptions:
     with cfg.open("rb") as fh:
         values = tomllib.load(fh)
     values["out"] = str(run)
+    values.setdefault("bptt", "truncated")  # runs from before --bptt existed keep the objective they began with
     values.pop("resume", None)
     return build(TrainOptions, values)
 
