@@ -217,6 +217,33 @@ def test_cli_grad_norm_does_not_depend_on_ctx_len(long_task, tmp_path):
     assert trained["bptt"] == "truncated" and trained["ctx_len"] == 8
 
 
+def test_gradient_accumulation_averages_over_the_global_batch(long_task, tmp_path):
+    """One batch of 6, two micro-batches of 3, three of 2: the same global batch, the same gradient."""
+    for bs, accum in [(6, 1), (3, 2), (2, 3)]:
+        args = _train_args(long_task, tmp_path / f"{bs}x{accum}", "--max-steps", "1", "--ctx-len", "16",
+                           "--grad-accum", str(accum))
+        args[args.index("--batch-size") + 1] = str(bs)
+        assert main(args) == 0
+    norms = [_grad_norm(tmp_path / name) for name in ("6x1", "3x2", "2x3")]
+    assert all(abs(n - norms[0]) <= 1e-4 * norms[0] for n in norms), norms
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_full_bptt(long_task, tmp_path):
+    one = _train_args(long_task, tmp_path / "one", "--max-steps", "2", "--ctx-len", "16")
+    one[one.index("--batch-size") + 1] = "6"
+    assert main(one) == 0
+    two = _train_args(long_task, tmp_path / "two", "--max-steps", "2", "--ctx-len", "16")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "statetune", *two], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = statetune.load_state(tmp_path / "one" / "state-final.safetensors").state
+    b = statetune.load_state(tmp_path / "two" / "state-final.safetensors").state
+    torch.testing.assert_close(a.wkv, b.wkv, atol=1e-5, rtol=1e-4)
+    assert a.wkv.abs().sum() > 0
+
+
 def test_bad_bptt_value_is_a_one_line_error(long_task, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(_train_args(long_task, tmp_path / "x", "--bptt", "sometimes"))
