@@ -23,7 +23,7 @@ from benchio import print_rows, write_json
 
 from statetune.model.checkpoint import load_model
 from statetune.model.random_init import random_checkpoint
-from statetune.train.loss import masked_lm_loss
+from statetune.objective import masked_lm_loss
 
 SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536, dim_ffn=3072,
              lora={"w": 64, "a": 64, "v": 32, "g": 128})
@@ -78,7 +78,7 @@ def peak_rss_child(path: str, mode: str, T: int, B: int) -> float:
     code = f"""
 import resource, torch
 from statetune.model.checkpoint import load_model
-from statetune.train.loss import masked_lm_loss
+from statetune.objective import masked_lm_loss
 m = load_model({path!r})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tokens = torch.randint(0, m.config.vocab_size, ({B}, {T} + 1)); mask = torch.ones_like(tokens, dtype=torch.bool)

@@ -7,7 +7,7 @@ import torch
 
 import statetune
 from statetune.model.state import RWKVState
-from statetune.train.loss import masked_lm_loss, plain_lm_loss
+from statetune.objective import masked_lm_loss, plain_lm_loss
 
 
 @pytest.mark.parametrize("version", ["rwkv7", "rwkv6"])

@@ -17,7 +17,7 @@ from statetune.evaluate.generation import greedy_batch
 from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
 from statetune.model.state import RWKVState
-from statetune.train.loss import masked_lm_loss
+from statetune.objective import masked_lm_loss
 
 from .split import PROMPT
 

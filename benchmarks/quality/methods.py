@@ -24,8 +24,8 @@ from statetune.data.loader import TokenDataset, collate, global_batches, micro_b
 from statetune.evaluate.loss import dataset_loss
 from statetune.model.checkpoint import load_model
 from statetune.model.state import RWKVState
+from statetune.objective import masked_lm_loss
 from statetune.train.loop import TrainOptions, train
-from statetune.train.loss import masked_lm_loss
 from statetune.train.metrics import read_metrics
 from statetune.train.schedule import lr_at
 from statetune.tuning.statefile import load_state

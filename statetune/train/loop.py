@@ -17,10 +17,10 @@ from statetune.errors import CheckpointError, DataError
 from statetune.evaluate.loss import dataset_loss
 from statetune.infer.greedy import greedy_continue
 from statetune.model.checkpoint import load_model
+from statetune.objective import backward_sequence
 from statetune.train import guard, rundir
 from statetune.train.checkpoint import load_latest, save_checkpoint
 from statetune.train.distributed import Dist, init_distributed
-from statetune.train.loss import masked_lm_loss
 from statetune.train.metrics import MetricsLog
 from statetune.train.options import TrainOptions
 from statetune.train.schedule import lr_at
@@ -106,6 +106,7 @@ class Run:
         o = self.opts
         trained = {"steps": self.step, "tokens": self.tokens_seen, "data": Path(o.train_data).name,
                    "param": o.param.value, "tune_shift": o.tune_shift, "init": o.init,
+                   "ctx_len": o.ctx_len, "bptt": o.bptt.value,
                    "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
         meta = {"tokenizer": self.tokenizer.name, "trained": trained}
         if "format" in self.meta:  # the dataset's format; "format" itself is the state file's version marker
@@ -135,19 +136,10 @@ class Run:
         for group in examples:
             tokens, mask = collate(group, self.model.device)
             n_tokens += int(tokens.numel())
-            state = self.tunable()
-            for seg_start in range(0, tokens.shape[1] - 1, o.ctx_len):
-                seg = slice(seg_start, seg_start + o.ctx_len + 1)
-                if seg_start == 0:  # gradient reaches the initial state from the first segment only
-                    loss, _, state = masked_lm_loss(self.model, tokens[:, seg], mask[:, seg], state,
-                                                    o.activation_checkpoint)
-                    if loss.requires_grad:
-                        (loss / total_count).backward()
-                else:
-                    with torch.no_grad():
-                        loss, _, state = masked_lm_loss(self.model, tokens[:, seg], mask[:, seg], state)
-                state = state.detach()
-                loss_sum += float(loss.detach())
+            # the loss is scaled by the global batch's loss-token count, so accumulation and ranks average it
+            loss, _ = backward_sequence(self.model, tokens, mask, self.tunable(), o.ctx_len, o.bptt,
+                                        1.0 / total_count, o.activation_checkpoint)
+            loss_sum += loss
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

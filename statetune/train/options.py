@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from statetune.errors import OptionError
+from statetune.objective import Bptt
 from statetune.tuning.tunable import Param, Scope
 
 
@@ -51,7 +52,13 @@ class TrainOptions:
     batch_size: int = field(default=8, metadata=_h("Sequences per micro-batch per process."))
     grad_accum: int = field(default=1, metadata=_h("Micro-batches per optimizer step."))
     ctx_len: int = field(default=1024, metadata=_h("Longest segment run at once; longer sequences are cut "
-                                                   "into segments with the state carried over."))
+                                                   "into segments with the state carried over. With "
+                                                   "--bptt full a memory knob only: the gradient is the "
+                                                   "same for any value."))
+    bptt: Bptt = field(default=Bptt.full, metadata=_h("Backpropagation through the segments of a long "
+                                                      "sequence: full (every segment's loss reaches the "
+                                                      "state, exactly) or truncated (the first segment's "
+                                                      "only; faster, and later loss tokens teach nothing)."))
     lr: float | None = field(default=None, metadata=_h("Peak learning rate (default: 1.0 for both "
                                                        "parameterisations)."))
     lr_final: float | None = field(default=None, metadata=_h("Learning rate at the end of the cosine "
@@ -77,6 +84,7 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         self.param, self.encoder_scope = Param(self.param), Scope(self.encoder_scope)
+        self.bptt = Bptt(self.bptt)
         if self.resume is None:
             for name in ("model", "train_data", "out"):
                 if getattr(self, name) is None:

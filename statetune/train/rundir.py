@@ -74,6 +74,7 @@ def resumed_options(opts: TrainOptions) -> TrainOptions:
     except UnicodeDecodeError as e:
         raise _damaged(f"{cfg}: not UTF-8 text (byte {e.start})") from None
     values.update(out=str(run), resume=str(run), overwrite=False)
+    values.setdefault("bptt", "truncated")  # runs from before --bptt existed keep the objective they began with
     try:
         saved = build(TrainOptions, values)
     except OptionError as e:
