@@ -23,7 +23,7 @@ from statetune.model.state import RWKVState
 from statetune.objective import Bptt, backward_sequence, masked_lm_loss, segments, sequence_loss
 from statetune.train.metrics import read_metrics
 from statetune.train.options import TrainOptions
-from statetune.train.setup import resumed_options
+from statetune.train.rundir import resumed_options
 from statetune.tuning.tunable import TunableState
 
 REPO = Path(__file__).resolve().parents[1]
