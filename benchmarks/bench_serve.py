@@ -252,7 +252,7 @@ def load_scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The streaming load test: every client on its own state (over K), then all on one state."""
     root.mkdir()
     ckpt, states_dir, names = write_model(root, args)
-    proc, host, port = start_server(ckpt, states_dir, args)
+    proc, host, port = start_server(ckpt, states_dir, args, "--cache-mb", str(args.cache_mb))
     try:
         asyncio.run(run_phase(host, port, names[:1], argparse.Namespace(**{**vars(args), "duration": 1.0})))
         phases = []

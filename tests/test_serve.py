@@ -31,6 +31,7 @@ from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.serve.command import ServeOptions  # noqa: E402
 from statetune.tokenizer import get_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.slow
 BYTES = get_tokenizer("bytes")
 TEMPLATE = "Input: {mr}\n\nResponse:"
 
