@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                 res = run_case(ckpt, T, args.ctx_len, mode, args.threads, args.timeout)
                 results[f"{T}/{mode}"] = res
                 print(json.dumps({"tokens": T, "bptt": mode, **res}), file=sys.stderr, flush=True)
+                if args.out:  # after every case, so a run stopped midway keeps what it measured
+                    _save(args, shape, results, {})
     for T in args.lengths:
         for mode in args.modes:
             r = results[f"{T}/{mode}"]
@@ -115,10 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     rows += [(k, f"{v:.2f}") for k, v in summary.items()]
     print_rows(rows)
     if args.out:
-        write_json({"command": "python benchmarks/bench_long.py " + " ".join(argv or sys.argv[1:]),
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                    "machine": platform.processor() or platform.machine(), "threads": args.threads,
-                    "ctx_len": args.ctx_len, "shape": shape, "cases": results, "summary": summary}, args.out)
+        _save(args, shape, results, summary)
+
+
+def _save(args: argparse.Namespace, shape: dict, results: dict, summary: dict) -> None:
+    write_json({"command": "python benchmarks/bench_long.py " + " ".join(sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(), "threads": args.threads,
+                "ctx_len": args.ctx_len, "shape": shape, "cases": results, "summary": summary}, args.out)
 
 
 if __name__ == "__main__":

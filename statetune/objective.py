@@ -115,20 +115,30 @@ def backward_sequence(model, tokens: Tensor, mask: Tensor, state: RWKVState, ctx
     for k in reversed(range(len(windows))):
         s_in = borders[k] if k == 0 else borders[k].map(lambda t: t.detach().requires_grad_())
         borders[k] = None  # the reverse sweep frees each border once used
-        with torch.enable_grad():
-            loss, n, s_out = masked_lm_loss(model, tokens[:, windows[k]], mask[:, windows[k]], s_in,
-                                            activation_checkpoint)
-        roots, grads = [loss * scale], [None]
-        if carried is not None:
-            for t, g in zip(s_out.tensors(), carried, strict=True):
-                if t.requires_grad and g is not None:
-                    roots.append(t)
-                    grads.append(g)
-        _backward(roots, grads)
-        if k > 0:
-            carried = [t.grad for t in s_in.tensors()]
-        total, count = total + float(loss.detach()), count + n
+        loss, n = _segment_backward(model, tokens[:, windows[k]], mask[:, windows[k]], s_in, carried, scale,
+                                    activation_checkpoint)
+        carried = [t.grad for t in s_in.tensors()] if k > 0 else None
+        total, count = total + loss, count + n
     return total, count
+
+
+def _segment_backward(model, tokens: Tensor, mask: Tensor, s_in: RWKVState, carried: list[Tensor | None] | None,
+                      scale: float, activation_checkpoint: bool) -> tuple[float, int]:
+    """Rebuild one segment from its input state and backpropagate ``scale * loss + <carried, output state>``.
+
+    A function of its own so that the segment's graph (held by its loss and output state) is gone before
+    the next segment is rebuilt: peak memory is one segment's, not two.
+    """
+    with torch.enable_grad():
+        loss, n, s_out = masked_lm_loss(model, tokens, mask, s_in, activation_checkpoint)
+    roots, grads = [loss * scale], [None]
+    if carried is not None:
+        for t, g in zip(s_out.tensors(), carried, strict=True):
+            if t.requires_grad and g is not None:
+                roots.append(t)
+                grads.append(g)
+    _backward(roots, grads)
+    return float(loss.detach()), n
 
 
 def _backward_truncated(model, tokens: Tensor, mask: Tensor, state: RWKVState, windows: list[slice],
