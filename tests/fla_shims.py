@@ -38,6 +38,10 @@ def import_fla_interpreted() -> ModuleType:
     import triton.runtime.autotuner as autotuner
     import triton.runtime.interpreter as interpreter
 
+    if not isinstance(_gather, interpreter.InterpretedFunction):
+        # seen when the whole suite runs: triton was set up earlier in the process with the interpreter off
+        raise RuntimeError("triton's jit was set up in this process before TRITON_INTERPRET=1; run "
+                           "tests/test_fla_interpret.py in a process of its own (.ci/run does)")
     _pick_config_without_benchmark(autotuner)
     _redirect_gather_aliases()
     _loop_counters_as_tensors(interpreter)
