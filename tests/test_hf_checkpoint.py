@@ -174,7 +174,7 @@ def test_cli_converts_both_ways(tiny_ckpt, tmp_path, capsys):
     assert main(["model", "convert", str(tiny_ckpt("rwkv7")), str(tmp_path / "hf")]) == 0
     assert main(["model", "convert", str(tmp_path / "hf"), str(tmp_path / "m.pth")]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert main(["model", "convert", str(tiny_ckpt("rwkv7")), str(tmp_path / "hf")]) == 2
+    assert main(["model", "convert", str(tiny_ckpt("rwkv7")), str(tmp_path / "hf")]) == 1  # exists: runtime error
     assert "already exists" in capsys.readouterr().err
 
 

@@ -228,10 +228,14 @@ def hostile(world, tmp_path_factory):
     z = model.zero_state(1)
     huge = RWKVState(*(torch.full_like(t, 3e38) for t in z.tensors()))
     statetune.save_state(d / "overflow.safetensors", huge, model, with_shift=True)
-    nan = random_state(model, 5)
-    nan.wkv[0, 0, 0, 0, 0] = float("nan")
-    statetune.save_state(d / "nan.safetensors", nan, model, with_shift=True)
+    from safetensors import safe_open
     from safetensors.torch import save_file
+
+    statetune.save_state(d / "nan.safetensors", random_state(model, 5), model, with_shift=True)
+    with safe_open(str(d / "nan.safetensors"), "pt") as f:  # save_state refuses NaN: poison the file itself
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["blocks.0.att.time_state"][0, 0, 0] = float("nan")
+    save_file(tensors, str(d / "nan.safetensors"), metadata=meta)
 
     save_file({"blocks.0.att.time_state": z.wkv[0, 0].contiguous(), "blocks.1.att.time_state": z.wkv[1, 0].contiguous(),
                "blocks.0.att.time_shift": z.att_shift[0, 0].contiguous()}, str(d / "halfshift.safetensors"))
@@ -244,7 +248,7 @@ def test_states_that_fail_validation_are_skipped_and_listed(hostile):
     assert hostile.service.registry.names() == ["base", "alpha", "beta", "overflow"]
     listed = hostile.get("/v1/states").json()
     skipped = {s["file"]: s["error"] for s in listed["skipped"]}
-    assert "non-finite" in skipped["nan.safetensors"]
+    assert "NaN or infinite" in skipped["nan.safetensors"]
     assert "every layer or none" in skipped["halfshift.safetensors"]
     assert hostile.post("/v1/completions", {"model": "nan", "prompt": "x"}).status_code == 404
     r = hostile.post("/v1/states/reload", {}).json()
