@@ -92,3 +92,19 @@ def test_the_registry_indexes_without_reading_tensors_and_loads_on_first_use(mod
     assert reg.loads == 4 and reg.evictions == 2 and reg.loaded == 2 + 1
     header, _ = read_header(tmp_path / "s0.safetensors")
     assert "blocks.0.att.time_state" in header
+
+
+@pytest.mark.parametrize("fmt,name", [("pth", "peft.pth"), ("list", "original.pth"), ("ai00", "ai00.safetensors")])
+def test_every_format_state_convert_writes_is_served(model, tmp_path, fmt, name):
+    """`state convert` outputs load in serve as they do everywhere else (the one state reader)."""
+    from statetune.tuning.formats import write_as
+    from statetune.tuning.statefile import StateFile
+
+    state = random_state(model, 3)
+    write_as(StateFile(state, {}, has_shift=False), tmp_path / name, fmt, model)
+    reg = Registry(model, get_tokenizer("bytes"), "base", tmp_path, max_loaded=2)
+    report = reg.reload()
+    assert report.added == [name.rsplit(".", 1)[0]] and not report.skipped, report.skipped
+    served = reg.state(reg.get(name.rsplit(".", 1)[0]))
+    tol = 1e-3 if fmt == "ai00" else 0  # ai00 keeps float16
+    torch.testing.assert_close(served.wkv, state.wkv, atol=tol, rtol=tol)

@@ -117,6 +117,16 @@ def index_state(path: Path, model, fingerprint: str) -> Header:
     return Header(meta, nbytes, has_shift)
 
 
+def index_pth(path: Path, model) -> Header:
+    """Index a ``.pth`` state (no header to read alone): read and check it whole with the one state reader."""
+    from statetune.tuning.statefile import load_state
+
+    sf = load_state(path, model)
+    nbytes = sum(t.numel() * t.element_size() for t in sf.state.tensors()) if sf.has_shift else \
+        sf.state.wkv.numel() * sf.state.wkv.element_size()
+    return Header(sf.metadata, nbytes, sf.has_shift)
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for d in shape:

@@ -27,11 +27,13 @@ from typing import Any
 from statetune.errors import StateFileError, StatetuneError
 from statetune.infer.generate import Prompts, stops
 from statetune.model.state import RWKVState
-from statetune.serve.index import index_state, tokenizer_name
+from statetune.serve.index import index_pth, index_state, tokenizer_name
 from statetune.tokenizer import Tokenizer
 
 log = logging.getLogger("statetune.serve")
 SUFFIX = ".safetensors"
+# the .pth formats `state convert` writes (RWKV-PEFT/RWKV-Runner dict, the original list): read whole to index
+PTH_SUFFIXES = (".pth", ".pt")
 _serial = itertools.count(1)
 
 
@@ -197,7 +199,7 @@ class Registry:
             old, report = self._entries, ReloadReport()
             new: dict[str, Entry] = {self.base_name: self.base}
             for path in self._files(report):
-                name = path.name[:-len(SUFFIX)]
+                name = path.name[:-len(path.suffix)]
                 if name == self.base_name:
                     self._skip(report, path, f"its name {name!r} is the base model's; rename the file or give "
                                              "the model another --model-name")
@@ -230,7 +232,8 @@ class Registry:
             return report
 
     def _index(self, name: str, path: Path, sig: tuple[int, int, int]) -> Entry:
-        header = index_state(path, self.model, self.fingerprint)
+        header = index_pth(path, self.model) if path.suffix in PTH_SUFFIXES else \
+            index_state(path, self.model, self.fingerprint)
         named = tokenizer_name(header.metadata)
         if named is not None and named != self.tokenizer.name:
             raise StateFileError(f"{path}: the state was trained with the {named!r} tokenizer, but this server "
@@ -257,7 +260,7 @@ class Registry:
             self._skip(report, self.states_dir, "not a directory")
             return []
         return sorted(p for p in self.states_dir.iterdir()
-                      if p.name.endswith(SUFFIX) and not p.name.startswith(".") and p.is_file())
+                      if p.name.endswith((SUFFIX, *PTH_SUFFIXES)) and not p.name.startswith(".") and p.is_file())
 
     @staticmethod
     def _skip(report: ReloadReport, path: Path, why: str) -> None:
