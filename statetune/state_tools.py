@@ -12,6 +12,7 @@ from statetune.device import resolve_device
 from statetune.errors import OptionError, StateFileError
 from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
+from statetune.runtime import pick_tokenizer, prompt_state
 from statetune.tuning.formats import FORMATS, format_for, read_any, write_as
 from statetune.tuning.statefile import StateFile, check_fits
 
@@ -137,16 +138,11 @@ class CaptureOptions:
 
 
 def capture(opts: CaptureOptions) -> int:
-    from statetune.tokenizer import get_tokenizer, tokenizer_for_vocab
-
     model = _load_model(opts.model, opts.device)
-    tok = tokenizer_for_vocab(model.config.vocab_size) if opts.tokenizer == "auto" else get_tokenizer(opts.tokenizer)
+    tok = pick_tokenizer(opts.tokenizer, {}, model.config.vocab_size)
     text = opts.prompt.encode().decode("unicode_escape") if "\\" in opts.prompt else opts.prompt
     ids = tok.encode(text)
-    if not ids:
-        raise OptionError("--prompt: the prompt tokenizes to nothing")
-    with torch.no_grad():
-        _, state = model(torch.tensor([ids], device=model.device), None, last_only=True)
+    state = prompt_state(model, ids)
     sf = StateFile(state, {"tokenizer": tok.name, "captured_prompt": text}, has_shift=True)
     write_as(sf, opts.out, format_for(opts.out, None, "--out"), model)
     print(f"wrote {opts.out} (state after {len(ids)} tokens)")

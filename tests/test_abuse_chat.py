@@ -12,15 +12,15 @@ import statetune
 from statetune.cli import main
 from statetune.data.formats import CHAT_END
 from statetune.infer.chat import ChatSession
-from statetune.infer.generate import Setup
 from statetune.infer.sampling import SamplingParams
+from statetune.runtime import Runtime
 from statetune.tokenizer import get_tokenizer
 
 
 def test_failed_commands_and_bad_bytes_leave_the_session_going(tiny_ckpt, tmp_path, monkeypatch, capsys):
     model = statetune.load_model(tiny_ckpt())
     params = SamplingParams(temperature=0, max_tokens=8, stop=[CHAT_END], stop_token_ids=[0])
-    session = ChatSession(Setup(model, get_tokenizer("bytes"), model.zero_state(1), {}), params)
+    session = ChatSession(Runtime(model, get_tokenizer("bytes"), model.zero_state(1), {}), params)
     expected = [session.reply(m).lstrip(" ") for m in ("hello", "more please")]
 
     blocker = tmp_path / "file"

@@ -12,9 +12,9 @@ from statetune.cli import main
 from statetune.data.formats import CHAT_END
 from statetune.infer.chat import ChatSession
 from statetune.infer.engine import prefill
-from statetune.infer.generate import Setup
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
+from statetune.runtime import Runtime
 from statetune.tokenizer import get_tokenizer
 
 BYTES = get_tokenizer("bytes")
@@ -59,7 +59,7 @@ def test_state_after_turns_equals_reading_the_transcript(tiny_ckpt, newline_at, 
     start = random_state(model, seed=1)
     before = start.clone()
     steered = Steered(model, newline_at)
-    session = ChatSession(Setup(steered, BYTES, start, {}),
+    session = ChatSession(Runtime(steered, BYTES, start, {}),
                           SamplingParams(temperature=0, max_tokens=max_tokens, stop=[CHAT_END]), system="Be brief.")
     transcript = "System: Be brief.\n\n"
     for message in ("Hi there", "And then?"):
@@ -74,7 +74,7 @@ def test_state_after_turns_equals_reading_the_transcript(tiny_ckpt, newline_at, 
 
 def test_reset_save_load(tiny_ckpt, tmp_path):
     model = statetune.load_model(tiny_ckpt())
-    session = ChatSession(Setup(model, BYTES, model.zero_state(1), {}), SamplingParams(temperature=0, max_tokens=8))
+    session = ChatSession(Runtime(model, BYTES, model.zero_state(1), {}), SamplingParams(temperature=0, max_tokens=8))
     first = session.reply("one")
     session.save(str(tmp_path / "c.safetensors"))
     second = session.reply("two")
@@ -91,7 +91,7 @@ def test_reset_save_load(tiny_ckpt, tmp_path):
 def test_cli_chat_over_a_pipe(tiny_ckpt, tmp_path, monkeypatch, capsys):
     model = statetune.load_model(tiny_ckpt())
     params = SamplingParams(temperature=0, max_tokens=8, stop=[CHAT_END], stop_token_ids=[0])
-    session = ChatSession(Setup(model, BYTES, model.zero_state(1), {}), params)
+    session = ChatSession(Runtime(model, BYTES, model.zero_state(1), {}), params)
     r1, r2 = (session.reply(m).lstrip(" ") for m in ("hello", "more please"))
     saved = tmp_path / "conv.safetensors"
     script = f"hello\n/save {saved}\nmore please\n/reset\nhello\n/load {saved}\nmore please\n/nope\n/quit\nignored\n"

@@ -76,7 +76,7 @@ def evaluate(opts: EvalOptions) -> int:
         return 0
     from statetune.evaluate.generation import greedy_batch
     from statetune.model.checkpoint import load_model
-    from statetune.train.setup import dataset_meta, pick_tokenizer
+    from statetune.runtime import dataset_meta, pick_tokenizer
     from statetune.tuning.formats import read_any
 
     model = load_model(opts.model, device=resolve_device(opts.device))

@@ -18,10 +18,11 @@ from statetune.data.formats import CHAT_END, Format, normalize_chat
 from statetune.data.report import templates_for
 from statetune.errors import OptionError, StatetuneError, explain
 from statetune.infer.engine import Engine, prefill
-from statetune.infer.generate import ModelOptions, Setup, load_setup, stops
+from statetune.infer.generate import stops
 from statetune.infer.sampling import MAX_SEED, SamplingOptions, SamplingParams
 from statetune.interrupts import terminated
 from statetune.model.state import RWKVState
+from statetune.runtime import ModelOptions, Runtime, load_runtime
 
 __all__ = ["ChatOptions", "ChatSession", "chat"]
 HELP = ("commands: /reset (start over), /save FILE (save the conversation state), /load FILE (continue from a "
@@ -48,7 +49,7 @@ class ChatOptions(SamplingOptions, ModelOptions):
 class ChatSession:
     """A conversation: the current state, the state it started from, and the turn loop."""
 
-    def __init__(self, setup: Setup, params: SamplingParams, system: str | None = None) -> None:
+    def __init__(self, setup: Runtime, params: SamplingParams, system: str | None = None) -> None:
         self.setup, self.params = setup, params
         self.model, self.tokenizer = setup.model, setup.tokenizer
         self.engine = Engine(self.model, self.tokenizer, max_batch_size=1)
@@ -148,7 +149,7 @@ def _read_line() -> str | None:
 
 def chat(opts: ChatOptions) -> int:
     """Run ``statetune chat`` until /quit or end of input; returns 1 if a command failed, else 0."""
-    setup = load_setup(opts)
+    setup = load_runtime(opts)
     setup.model.use_decode_layout()  # one conversation: faster matrix-vector products on CPU
     strings, ids = stops(opts, {}, setup.tokenizer)
     params = opts.sampling_params(sorted({CHAT_END, *strings}), ids)

@@ -20,39 +20,18 @@ from statetune.data.fields import RecordError, Template, text_field, unescape
 from statetune.data.formats import CHAT_END, CHAT_ROLES, Format, detect_format, normalize_chat
 from statetune.data.readers import parse_json_line, read_items
 from statetune.data.report import templates_for
-from statetune.device import resolve_device
 from statetune.errors import DataError, OptionError
 from statetune.infer.engine import Completion, Engine
 from statetune.infer.sampling import SamplingOptions, SamplingParams
-from statetune.model.state import RWKVState
+from statetune.runtime import ModelOptions, Runtime, load_runtime
 from statetune.tokenizer import Tokenizer
 
 __all__ = ["GenerateOptions", "generate"]
 log = logging.getLogger("statetune.generate")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _h(text: str) -> dict[str, str]:
     return {"help": text}
-
-
-@dataclass(kw_only=True)
-class ModelOptions:
-    """Where the model, the state and the tokenizer come from (shared with ``chat``)."""
-
-    model: str = field(metadata=_h("Base model checkpoint (.pth or .safetensors)."))
-    state: str | None = field(default=None, metadata=_h(
-        "State file to start from (default: the state merged in the checkpoint, if any, else zeros)."))
-    tokenizer: str = field(default="auto", metadata=_h("world, bytes, or auto (the state's metadata, else the "
-                                                       "model's vocabulary size)."))
-    device: str = field(default="cpu", metadata=_h("Torch device (cpu, cuda, cuda:1)."))
-    dtype: str = field(default="auto", metadata=_h("fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on CUDA)."))
-
-    def check_model_options(self) -> None:
-        if self.tokenizer not in ("auto", "world", "bytes"):
-            raise OptionError(f"--tokenizer: expected auto, world or bytes, got {self.tokenizer!r}")
-        if self.dtype not in DTYPES:
-            raise OptionError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(kw_only=True)
@@ -89,41 +68,6 @@ class GenerateOptions(SamplingOptions, ModelOptions):
             raise OptionError(f"--batch-size: must be at least 1, got {self.batch_size}")
         if self.prompt_template is not None:
             Template(unescape(self.prompt_template), "--prompt-template")
-
-
-@dataclass
-class Setup:
-    """A loaded model with the tokenizer and batch-1 start state to use, and the state file's metadata."""
-
-    model: Any
-    tokenizer: Tokenizer
-    state: RWKVState
-    metadata: dict[str, Any]
-
-
-def load_setup(opts: ModelOptions) -> Setup:
-    """Load the model, the state (file, else the checkpoint's merged state, else zeros) and the tokenizer."""
-    from statetune.model.checkpoint import load_model
-    from statetune.train.setup import pick_tokenizer, resolve_dtype
-    from statetune.tuning.statefile import load_state
-
-    model = load_model(opts.model, device=resolve_device(opts.device), dtype=resolve_dtype(opts.dtype, opts.device))
-    meta: dict[str, Any] = {}
-    if opts.state is not None:
-        sf = load_state(opts.state, model)
-        state, meta = sf.state, sf.metadata
-    elif model.default_state is not None:
-        state = model.default_state
-    else:
-        state = model.zero_state(1)
-    tokenizer = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise OptionError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
-                          f"vocabulary has only {model.config.vocab_size}")
-    source = opts.state or ("the checkpoint's merged state" if model.default_state is not None else "zeros")
-    log.info("model %s (%s, %d layers), state %s, tokenizer %s", opts.model, model.config.version,
-             model.config.n_layer, source, tokenizer.name)
-    return Setup(model, tokenizer, state, meta)
 
 
 def stops(opts: SamplingOptions, meta: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[str], list[int]]:
@@ -225,7 +169,7 @@ def read_records(path: str, prompts: Prompts, tokenizer: Tokenizer) -> list[tupl
 
 def generate(opts: GenerateOptions) -> int:
     """Run ``statetune generate``; returns the exit status."""
-    setup = load_setup(opts)
+    setup = load_runtime(opts)
     strings, ids = stops(opts, setup.metadata, setup.tokenizer)
     prompts = Prompts(opts, setup.metadata)
     if opts.input is None:
@@ -241,7 +185,7 @@ def generate(opts: GenerateOptions) -> int:
     return 0
 
 
-def _one(opts: GenerateOptions, setup: Setup, tokens: list[int], params: SamplingParams) -> None:
+def _one(opts: GenerateOptions, setup: Runtime, tokens: list[int], params: SamplingParams) -> None:
     engine = Engine(setup.model, setup.tokenizer, max_batch_size=1)
     engine.add(tokens, setup.state, params)
     t0, done = time.perf_counter(), None
@@ -262,7 +206,7 @@ def _report(c: Completion, seconds: float) -> None:
              len(c.tokens) / max(seconds, 1e-9))
 
 
-def _many(opts: GenerateOptions, setup: Setup, records: list[tuple[dict[str, Any], list[int]]],
+def _many(opts: GenerateOptions, setup: Runtime, records: list[tuple[dict[str, Any], list[int]]],
           strings: list[str], ids: list[int]) -> None:
     from tqdm import tqdm
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from statetune.device import resolve_device
 from statetune.errors import OptionError
-from statetune.infer.generate import DTYPES
+from statetune.runtime import DTYPES, TOKENIZERS, check_choice
 
 if TYPE_CHECKING:
     from statetune.serve.server import Server
@@ -86,10 +86,8 @@ class ServeOptions:
             raise OptionError(f"--grace-period: must be a finite number, got {self.grace_period}")
         if self.grace_period < 0:
             raise OptionError(f"--grace-period: must be 0 or more, got {self.grace_period}")
-        if self.tokenizer not in ("auto", "world", "bytes"):
-            raise OptionError(f"--tokenizer: expected auto, world or bytes, got {self.tokenizer!r}")
-        if self.dtype not in DTYPES:
-            raise OptionError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_choice("--tokenizer", self.tokenizer, TOKENIZERS)
+        check_choice("--dtype", self.dtype, DTYPES)
         if self.model_name is not None and not self.model_name.strip():
             raise OptionError("--model-name: empty")
         if self.states is not None and not Path(self.states).is_dir():
@@ -113,18 +111,15 @@ def build_service(opts: ServeOptions) -> Service:
     import torch
 
     from statetune.model.checkpoint import load_model
+    from statetune.runtime import pick_tokenizer, resolve_dtype
     from statetune.serve.batcher import Batcher
     from statetune.serve.cache import PrefixCache
     from statetune.serve.prompts import Limits
     from statetune.serve.registry import Registry
     from statetune.serve.service import Service
-    from statetune.train.setup import pick_tokenizer, resolve_dtype
 
     model = load_model(opts.model, device=resolve_device(opts.device), dtype=resolve_dtype(opts.dtype, opts.device))
     tokenizer = pick_tokenizer(opts.tokenizer, {}, model.config.vocab_size)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise OptionError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
-                          f"vocabulary has only {model.config.vocab_size}")
     try:
         cache_device = torch.device(opts.cache_device) if opts.cache_device else model.device
     except RuntimeError as e:

@@ -18,13 +18,14 @@ from statetune.evaluate.loss import dataset_loss
 from statetune.infer.greedy import greedy_continue
 from statetune.model.checkpoint import load_model
 from statetune.objective import backward_sequence
+from statetune.runtime import dataset_meta, pick_tokenizer, resolve_dtype
 from statetune.train import guard, rundir
 from statetune.train.checkpoint import load_latest, save_checkpoint
 from statetune.train.distributed import Dist, init_distributed
 from statetune.train.metrics import MetricsLog
 from statetune.train.options import TrainOptions
 from statetune.train.schedule import lr_at
-from statetune.train.setup import dataset_meta, initial_state, pick_tokenizer, resolve_dtype
+from statetune.train.setup import initial_state
 from statetune.tuning.statefile import save_state
 from statetune.tuning.tunable import TunableState
 

@@ -1,49 +1,14 @@
-"""Everything a run needs before its first step: dtype, dataset metadata, tokenizer, the initial state
-(the run folder and resumed options are in ``rundir``)."""
+"""The state a run starts from (the run folder and resumed options are in ``rundir``; dtype, tokenizer and
+dataset metadata in :mod:`statetune.runtime`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from statetune.errors import OptionError, StatetuneError
+from statetune.errors import OptionError
 from statetune.model.state import RWKVState
+from statetune.runtime import prompt_state
 from statetune.train.options import TrainOptions
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def dataset_meta(path: str | Path) -> dict[str, Any]:
-    """The ``.meta.json`` that ``prepare`` writes beside its output (empty when absent)."""
-    p = Path(path)
-    meta = p.with_name(p.name.removesuffix(".jsonl") + ".meta.json")
-    if not meta.is_file():
-        return {}
-    try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise StatetuneError(f"{meta}: invalid JSON: {e}") from None
-
-
-def pick_tokenizer(name: str, meta: dict[str, Any], vocab_size: int):
-    """The tokenizer named by the flag, else by the dataset's meta.json, else by the vocabulary size."""
-    from statetune.tokenizer import get_tokenizer, tokenizer_for_vocab
-
-    if name != "auto":
-        return get_tokenizer(name)
-    named = meta.get("tokenizer")
-    if isinstance(named, dict):
-        named = named.get("name")
-    if named:
-        return get_tokenizer(named)
-    return tokenizer_for_vocab(vocab_size)
 
 
 def initial_state(opts: TrainOptions, model, tokenizer) -> RWKVState:
@@ -54,9 +19,7 @@ def initial_state(opts: TrainOptions, model, tokenizer) -> RWKVState:
         ids = tokenizer.encode(opts.init_prompt)
         if not ids:
             raise OptionError("--init-prompt: the prompt tokenizes to nothing")
-        with torch.no_grad():
-            _, state = model(torch.tensor([ids], device=model.device), None, last_only=True)
-        return state
+        return prompt_state(model, ids)
     if Path(opts.init).is_file():
         from statetune.tuning.statefile import load_state
 

@@ -1,0 +1,131 @@
+"""Everything a command needs to run a model: dtype and tokenizer choices, the model/state/tokenizer loader,
+and the state a prompt leaves behind.
+
+One home for these so that ``generate``, ``chat``, ``eval``, ``serve``, ``train`` and ``state`` resolve a
+dtype, pick a tokenizer and check that it fits the model the same way (they used to do it five ways).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from statetune.device import resolve_device
+from statetune.errors import OptionError, StatetuneError
+from statetune.model.state import RWKVState
+from statetune.tokenizer import Tokenizer
+
+log = logging.getLogger("statetune.runtime")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+TOKENIZERS = ("auto", "world", "bytes")
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """A usage error naming ``flag`` and its choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise OptionError(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The compute dtype for ``--dtype NAME`` on ``device``: auto is fp32 on CPU, bf16 on CUDA."""
+    check_choice("--dtype", name, DTYPES)
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def dataset_meta(path: str | Path) -> dict[str, Any]:
+    """The ``.meta.json`` that ``prepare`` writes beside its output (empty when absent)."""
+    p = Path(path)
+    meta = p.with_name(p.name.removesuffix(".jsonl") + ".meta.json")
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise StatetuneError(f"{meta}: invalid JSON: {e}") from None
+
+
+def pick_tokenizer(name: str, meta: dict[str, Any], vocab_size: int) -> Tokenizer:
+    """The tokenizer named by the flag, else by the dataset's or state's metadata, else by the vocabulary
+    size; refused when it has more ids than the model's vocabulary."""
+    from statetune.tokenizer import get_tokenizer, tokenizer_for_vocab
+
+    check_choice("--tokenizer", name, TOKENIZERS)
+    if name != "auto":
+        tokenizer = get_tokenizer(name)
+    else:
+        named = meta.get("tokenizer")
+        if isinstance(named, dict):
+            named = named.get("name")
+        tokenizer = get_tokenizer(named) if named else tokenizer_for_vocab(vocab_size)
+    if tokenizer.vocab_size > vocab_size:
+        raise OptionError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
+                          f"vocabulary has only {vocab_size}")
+    return tokenizer
+
+
+def prompt_state(model, ids: list[int], state: RWKVState | None = None) -> RWKVState:
+    """The state after reading ``ids`` from ``state`` (zeros when None), without gradients."""
+    if not ids:
+        raise OptionError("--prompt: the prompt tokenizes to nothing")
+    with torch.no_grad():
+        _, out = model(torch.tensor([ids], device=model.device), state, last_only=True)
+    return out
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Where the model, the state and the tokenizer come from (shared by the commands that run a model)."""
+
+    model: str = field(metadata=_h("Base model checkpoint (.pth or .safetensors)."))
+    state: str | None = field(default=None, metadata=_h(
+        "State file to start from (default: the state merged in the checkpoint, if any, else zeros)."))
+    tokenizer: str = field(default="auto", metadata=_h("world, bytes, or auto (the state's metadata, else the "
+                                                       "model's vocabulary size)."))
+    device: str = field(default="cpu", metadata=_h("Torch device (cpu, cuda, cuda:1)."))
+    dtype: str = field(default="auto", metadata=_h("fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on CUDA)."))
+
+    def check_model_options(self) -> None:
+        check_choice("--tokenizer", self.tokenizer, TOKENIZERS)
+        check_choice("--dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class Runtime:
+    """A loaded model with the tokenizer and batch-1 start state to use, and the state file's metadata."""
+
+    model: Any
+    tokenizer: Tokenizer
+    state: RWKVState
+    metadata: dict[str, Any]
+
+
+def load_runtime(opts: ModelOptions) -> Runtime:
+    """Load the model, the state (file, else the checkpoint's merged state, else zeros) and the tokenizer."""
+    from statetune.model.checkpoint import load_model
+    from statetune.tuning.statefile import load_state
+
+    model = load_model(opts.model, device=resolve_device(opts.device), dtype=resolve_dtype(opts.dtype, opts.device))
+    meta: dict[str, Any] = {}
+    if opts.state is not None:
+        sf = load_state(opts.state, model)
+        state, meta = sf.state, sf.metadata
+    elif model.default_state is not None:
+        state = model.default_state
+    else:
+        state = model.zero_state(1)
+    tokenizer = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
+    source = opts.state or ("the checkpoint's merged state" if model.default_state is not None else "zeros")
+    log.info("model %s (%s, %d layers), state %s, tokenizer %s", opts.model, model.config.version,
+             model.config.n_layer, source, tokenizer.name)
+    return Runtime(model, tokenizer, state, meta)
