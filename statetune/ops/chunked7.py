@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from statetune.ops.decay import compute_dtype, decayed_scores, from_chunks, pick_chunk, stacked_chunks, to_chunks
+from statetune.ops.chunks import compute_dtype, from_chunks, pick_chunk, stacked_chunks, to_chunks
+from statetune.ops.decay import decayed_scores
 
 # Chosen by measurement (benchmarks/bench_wkv.py: T=1024, 12 heads of 64, fp32, 2 shared CPU cores):
 # 32 was fastest or tied for forward+backward at 1 and 2 threads; 16 is close, 64 is ~10-20% slower.
