@@ -13,6 +13,7 @@ are dropped on the way out, as the public converters drop them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -48,59 +49,67 @@ _OFFICIAL_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def official_to_hf(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """Rename (and reshape) an official RWKV-7 state dict into the HF layout; unknown keys are an error."""
+# (block index, name inside the block, tensor, where) -> the renamed tensor(s), or None for an unknown name
+BlockRenamer = Callable[[str, str, Tensor, str], "dict[str, Tensor] | None"]
+
+
+def _rename(sd: dict[str, Tensor], top: dict[str, str], block: re.Pattern[str], rename_block: BlockRenamer,
+            where: str, unknown_what: str) -> dict[str, Tensor]:
+    """Rename a state dict one key at a time: names in ``top`` map directly, block names (``block`` captures
+    the index and the rest) go through ``rename_block``; every key neither knows is collected into one
+    error (``unknown_what`` describes them, with ``{n}`` for their count)."""
     out: dict[str, Tensor] = {}
     unknown = []
     for name, t in sd.items():
-        if name in TOP:
-            out[TOP[name]] = t
+        if name in top:
+            out[top[name]] = t
             continue
-        m = _OFFICIAL_BLOCK.fullmatch(name)
-        if m and m.group(1) == "0" and m.group(2) in UNUSED_IN_BLOCK0:
-            continue
-        if not m or m.group(2) not in TO_HF:
+        m = block.fullmatch(name)
+        renamed = rename_block(m.group(1), m.group(2), t, where) if m else None
+        if renamed is None:
             unknown.append(name)
-            continue
-        hf, how = TO_HF[m.group(2)]
-        if how == "T":
-            t = t.t()
-        elif how == "flat":
-            t = t.reshape(-1)
-        out[f"model.layers.{m.group(1)}.{hf}"] = t.contiguous()
+        else:
+            out.update(renamed)
     if unknown:
-        raise CheckpointError(f"{where}: no Hugging Face name for {len(unknown)} key(s): "
-                              f"{', '.join(sorted(unknown)[:10])}")
+        raise CheckpointError(f"{where}: {unknown_what.format(n=len(unknown))}: {', '.join(sorted(unknown)[:10])}")
     return out
+
+
+def _block_to_hf(i: str, rest: str, t: Tensor, where: str) -> dict[str, Tensor] | None:
+    if i == "0" and rest in UNUSED_IN_BLOCK0:
+        return {}
+    if rest not in TO_HF:
+        return None
+    hf, how = TO_HF[rest]
+    if how == "T":
+        t = t.t()
+    elif how == "flat":
+        t = t.reshape(-1)
+    return {f"model.layers.{i}.{hf}": t.contiguous()}
+
+
+def _block_to_official(i: str, rest: str, t: Tensor, where: str) -> dict[str, Tensor] | None:
+    if rest == PACKED_MIX:
+        if t.dim() != 2 or t.shape[0] != len(PACKED_ORDER):
+            raise CheckpointError(f"{where}: model.layers.{i}.{rest} has shape {tuple(t.shape)}, expected [6, C] "
+                                  f"(the x_r, x_w, x_k, x_v, x_a, x_g coefficients packed)")
+        return {f"blocks.{i}.att.x_{c}": t[row].reshape(1, 1, -1).clone() for row, c in enumerate(PACKED_ORDER)}
+    if rest not in TO_OFFICIAL:
+        return None
+    official, how = TO_OFFICIAL[rest]
+    if how == "T":
+        t = t.t()
+    elif (how == "flat" or official.startswith("att.x_")) and t.dim() == 1:  # some store x_* flat too
+        t = t.reshape(1, 1, -1)
+    return {f"blocks.{i}.{official}": t.contiguous()}
+
+
+def official_to_hf(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """Rename (and reshape) an official RWKV-7 state dict into the HF layout; unknown keys are an error."""
+    return _rename(sd, TOP, _OFFICIAL_BLOCK, _block_to_hf, where, "no Hugging Face name for {n} key(s)")
 
 
 def hf_to_official(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     """Rename (and reshape) an HF-layout RWKV-7 state dict into official names; unknown keys are an error."""
-    from_top = {h: o for o, h in TOP.items()}
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for name, t in sd.items():
-        if name in from_top:
-            out[from_top[name]] = t
-            continue
-        m = _HF_BLOCK.fullmatch(name)
-        if m and m.group(2) == PACKED_MIX:
-            if t.dim() != 2 or t.shape[0] != len(PACKED_ORDER):
-                raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}, expected [6, C] "
-                                      f"(the x_r, x_w, x_k, x_v, x_a, x_g coefficients packed)")
-            for row, c in enumerate(PACKED_ORDER):
-                out[f"blocks.{m.group(1)}.att.x_{c}"] = t[row].reshape(1, 1, -1).clone()
-            continue
-        if not m or m.group(2) not in TO_OFFICIAL:
-            unknown.append(name)
-            continue
-        official, how = TO_OFFICIAL[m.group(2)]
-        if how == "T":
-            t = t.t()
-        elif (how == "flat" or official.startswith("att.x_")) and t.dim() == 1:  # some store x_* flat too
-            t = t.reshape(1, 1, -1)
-        out[f"blocks.{m.group(1)}.{official}"] = t.contiguous()
-    if unknown:
-        raise CheckpointError(f"{where}: {len(unknown)} key(s) that are not part of an RWKV-7 model in the "
-                              f"Hugging Face layout: {', '.join(sorted(unknown)[:10])}")
-    return out
+    return _rename(sd, {h: o for o, h in TOP.items()}, _HF_BLOCK, _block_to_official, where,
+                   "{n} key(s) that are not part of an RWKV-7 model in the Hugging Face layout")
