@@ -50,6 +50,8 @@ def test_a_good_file_is_indexed_with_its_metadata_and_size(model, tmp_path):
     ("int_dtype", "blocks.0.att.time_state: expected a floating dtype, found I32"),
     ("wrong_shape", "blocks.0.att.time_state: expected shape [2, 8, 8], found [2, 8, 4]"),
     ("fingerprint", "trained on a different base model"),
+    ("unknown_key", "unexpected key(s) blocks.0.att.key.weight"),
+    ("shift_beyond", "'blocks.2.ffn.time_shift' is there, but the model has 2 layers"),
     ("truncated", "truncated safetensors header"),
     ("huge_header", "header of"),
     ("not_json", "its header is not JSON"),
@@ -68,6 +70,10 @@ def test_bad_headers_are_refused_naming_what_differs(model, tmp_path, case, need
         t = tensors(model, dtype=torch.int32)
     elif case == "wrong_shape":
         t["blocks.0.att.time_state"] = torch.zeros(2, 8, 4)
+    elif case == "unknown_key":
+        t["blocks.0.att.key.weight"] = torch.zeros(16, 16)
+    elif case == "shift_beyond":
+        t["blocks.2.ffn.time_shift"] = torch.zeros(16)
     if case in ("truncated", "huge_header", "not_json", "empty"):
         path.write_bytes({"truncated": struct.pack("<Q", 100) + b"{}", "huge_header": struct.pack("<Q", 1 << 40),
                           "not_json": struct.pack("<Q", 4) + b"nope", "empty": b""}[case])
@@ -77,6 +83,8 @@ def test_bad_headers_are_refused_naming_what_differs(model, tmp_path, case, need
     with pytest.raises(StateFileError) as e:
         index_state(path, model, model.fingerprint())
     assert needle in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(StateFileError):  # the index and the state reader follow the same rules
+        statetune.load_state(path, model)
 
 
 def test_the_registry_indexes_without_reading_tensors_and_loads_on_first_use(model, tmp_path):

@@ -4,7 +4,8 @@ A safetensors file starts with an 8-byte little-endian length and that many byte
 tensor (``dtype``, ``shape``, ``data_offsets``) and ``__metadata__``. Reading only that lets a server index
 thousands of state files at start in the time it takes to open them, and refuse, before any request, a file
 that cannot fit the model (missing layers, other shapes, a non-float dtype, token-shift vectors for some
-layers only, another model's fingerprint). The values themselves are checked when the state is first read.
+layers only, keys that are no state key, another model's fingerprint). The key and shape rules are the
+state reader's own (``tuning/keys.py``); the values themselves are checked when the state is first read.
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from statetune.errors import StateFileError
+from statetune.tuning.keys import (
+    FLOAT_DTYPES,
+    KEYS,
+    WKV_KEY,
+    decode_metadata,
+    has_token_shift,
+    layer_shapes,
+    layers_by_key,
+)
 
 MAX_HEADER = 16 << 20  # a state file's header is a few KB; anything near this is not a state file
-FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-WKV, ATT, FFN = "blocks.{i}.att.time_state", "blocks.{i}.att.time_shift", "blocks.{i}.ffn.time_shift"
 
 
 @dataclass(frozen=True)
@@ -58,17 +66,6 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, meta
 
 
-def decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
-    """Metadata values as statetune writes them: JSON where they parse as JSON, text otherwise."""
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def tokenizer_name(meta: dict[str, Any]) -> str | None:
     """The tokenizer a state's metadata names (a string, or ``{"name": ...}``), if any."""
     named = meta.get("tokenizer")
@@ -85,16 +82,19 @@ def index_state(path: Path, model, fingerprint: str) -> Header:
     """
     tensors, raw_meta = read_header(path)
     cfg = model.config
-    C = cfg.n_head * cfg.head_size
-    want = {WKV: [cfg.n_head, cfg.head_size, cfg.head_size], ATT: [C], FFN: [C]}
-    has_shift = ATT.format(i=0) in tensors
+    found, unknown = layers_by_key(tensors)
+    if unknown:
+        raise StateFileError(f"{path}: unexpected key(s) {', '.join(sorted(unknown)[:5])}: a state file holds "
+                             f"only {WKV_KEY} and optional token-shift vectors (is this a model checkpoint?)")
+    has_shift = has_token_shift(found)
+    want = layer_shapes(cfg.n_head, cfg.head_size)
     nbytes = 0
     for i in range(cfg.n_layer):
-        for pattern in (WKV, ATT, FFN) if has_shift else (WKV,):
+        for pattern in KEYS if has_shift else (WKV_KEY,):
             key = pattern.format(i=i)
             entry = tensors.get(key)
             if not isinstance(entry, dict):
-                why = "token-shift vectors must be there for every layer or none" if pattern != WKV else \
+                why = "token-shift vectors must be there for every layer or none" if pattern != WKV_KEY else \
                     f"the model has {cfg.n_layer} layers"
                 raise StateFileError(f"{path}: missing {key!r} ({why})")
             dtype, shape = entry.get("dtype"), entry.get("shape")
@@ -103,12 +103,10 @@ def index_state(path: Path, model, fingerprint: str) -> Header:
             if shape != want[pattern]:
                 raise StateFileError(f"{path}: {key}: expected shape {want[pattern]}, found {shape}")
             nbytes += FLOAT_DTYPES[dtype] * _numel(shape)
-    extra = WKV.format(i=cfg.n_layer)
-    if extra in tensors:
-        raise StateFileError(f"{path}: {extra!r} is there, but the model has {cfg.n_layer} layers")
-    if not has_shift and (ATT.format(i=1) in tensors or FFN.format(i=0) in tensors):
-        raise StateFileError(f"{path}: missing {ATT.format(i=0)!r} (token-shift vectors must be there for every "
-                             "layer or none)")
+    for pattern in KEYS:
+        if found[pattern] and max(found[pattern]) >= cfg.n_layer:
+            extra = pattern.format(i=max(found[pattern]))
+            raise StateFileError(f"{path}: {extra!r} is there, but the model has {cfg.n_layer} layers")
     meta = decode_metadata(raw_meta)
     fp = meta.get("model_fingerprint")
     if fp is not None and fp != fingerprint:

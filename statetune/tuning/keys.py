@@ -1,8 +1,15 @@
-"""The names a state file uses: tensor keys, format tags, and the in-memory :class:`StateFile`."""
+"""The names a state file uses and the rules its keys follow: tensor keys, the shape each key names, format
+tags, metadata decoding, and the in-memory :class:`StateFile`.
+
+Both the full state reader (``tuning/reading.py``) and the header-only index of a server
+(``serve/index.py``) take their rules from here, so a file the index accepts is one the reader accepts.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +22,49 @@ ATT_SHIFT_KEY = "blocks.{i}.att.time_shift"
 FFN_SHIFT_KEY = "blocks.{i}.ffn.time_shift"
 #: Every key a state file may hold, with the kind of tensor it names.
 KEY_PATTERN = re.compile(r"blocks\.(\d+)\.(att\.time_state|att\.time_shift|ffn\.time_shift)")
+#: The key templates, WKV first; token-shift vectors are stored for every layer or for none.
+KEYS = (WKV_KEY, ATT_SHIFT_KEY, FFN_SHIFT_KEY)
+SHIFT_KEYS = (ATT_SHIFT_KEY, FFN_SHIFT_KEY)
+#: safetensors' names for the floating-point dtypes a state may be stored in, with their sizes in bytes.
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def layers_by_key(names: Iterable[str]) -> tuple[dict[str, set[int]], list[str]]:
+    """The layer indices a file holds for each key template of :data:`KEYS`, and the names that are no
+    state key at all (a state file may hold nothing else)."""
+    templates = {t.split(".", 2)[2]: t for t in KEYS}
+    found: dict[str, set[int]] = {t: set() for t in KEYS}
+    unknown = []
+    for name in names:
+        m = KEY_PATTERN.fullmatch(str(name))
+        if m is None:
+            unknown.append(str(name))
+        else:
+            found[templates[m.group(2)]].add(int(m.group(1)))
+    return found, unknown
+
+
+def has_token_shift(found: dict[str, set[int]]) -> bool:
+    """Whether token-shift vectors are stored (for any layer: then they must be there for all)."""
+    return any(found[key] for key in SHIFT_KEYS)
+
+
+def layer_shapes(n_head: int, head_size: int) -> dict[str, list[int]]:
+    """The shape each key template names for ``n_head`` heads of ``head_size``: the WKV state
+    ``[H, N, N]`` (layout [value, key]) and the token-shift vectors ``[H*N]``."""
+    C = n_head * head_size
+    return {WKV_KEY: [n_head, head_size, head_size], ATT_SHIFT_KEY: [C], FFN_SHIFT_KEY: [C]}
+
+
+def decode_metadata(raw: dict[str, str] | None) -> dict[str, Any]:
+    """Metadata values as statetune writes them: JSON where they parse as JSON, text otherwise."""
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, RecursionError):
+            out[k] = v
+    return out
 
 
 @dataclass

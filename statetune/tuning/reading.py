@@ -10,7 +10,6 @@ be there for every layer or for none, and no key may be left unexplained: a misf
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -25,9 +24,13 @@ from statetune.tuning.keys import (
     ATT_SHIFT_KEY,
     FFN_SHIFT_KEY,
     FORMAT,
-    KEY_PATTERN,
+    SHIFT_KEYS,
     WKV_KEY,
     StateFile,
+    decode_metadata,
+    has_token_shift,
+    layer_shapes,
+    layers_by_key,
 )
 
 _ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
@@ -57,7 +60,7 @@ def _read_safetensors(p: Path) -> StateFile:
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise StateFileError(f"{p}: not a readable state file (neither torch.save nor valid safetensors: "
                              f"{e})") from None
-    meta = _decode_meta(raw_meta)
+    meta = decode_metadata(raw_meta)
     _check_tensors(tensors, p)
     if is_ai00(tensors, meta):
         tensors = {k: v.transpose(-1, -2) if k.endswith(".att.time_state") else v for k, v in tensors.items()}
@@ -78,16 +81,6 @@ def _read_torch(p: Path) -> StateFile:
         return _from_list(list(obj), p)
     raise StateFileError(f"{p}: unknown state format: a {type(obj).__name__}, expected a dict of "
                          f"time_state tensors or a list [att_shift, wkv, ffn_shift] * layers")
-
-
-def _decode_meta(raw: dict[str, str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (raw or {}).items():
-        try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, RecursionError):
-            out[k] = v
-    return out
 
 
 def _check_tensors(tensors: dict, where: Path) -> None:
@@ -118,38 +111,32 @@ def is_ai00(tensors: dict, metadata: dict[str, Any]) -> bool:
 def from_tensors(tensors: dict, where: str | Path, metadata: dict[str, Any]) -> StateFile:
     """A state from ``blocks.{i}.att.time_state`` (and optional shift) tensors, checked key by key."""
     _check_tensors(tensors, Path(where))
-    found: dict[str, set[int]] = {"att.time_state": set(), "att.time_shift": set(), "ffn.time_shift": set()}
-    unknown = []
-    for k in tensors:
-        m = KEY_PATTERN.fullmatch(str(k))
-        if m is None:
-            unknown.append(str(k))
-        else:
-            found[m.group(2)].add(int(m.group(1)))
-    if not found["att.time_state"]:
+    found, unknown = layers_by_key(tensors)
+    if not found[WKV_KEY]:
         raise StateFileError(f"{where}: unknown state format: no key {WKV_KEY.format(i=0)!r}; found "
                              f"{', '.join(sorted(map(str, tensors))[:5]) or 'nothing'}")
     if unknown:
         raise StateFileError(f"{where}: unexpected key(s) {', '.join(sorted(unknown)[:5])}: a state file holds "
                              f"only {WKV_KEY} and optional token-shift vectors (is this a model checkpoint?)")
-    n_layer = max(found["att.time_state"]) + 1
-    _all_layers(found["att.time_state"], n_layer, WKV_KEY, where)
+    n_layer = max(found[WKV_KEY]) + 1
+    _all_layers(found[WKV_KEY], n_layer, WKV_KEY, where)
     first = tensors[WKV_KEY.format(i=0)]
     if first.dim() != 3 or first.shape[1] != first.shape[2]:
         raise StateFileError(f"{where}: {WKV_KEY.format(i=0)}: expected shape [heads, N, N], "
                              f"found {list(first.shape)}")
+    shapes = layer_shapes(first.shape[0], first.shape[1])
     for i in range(1, n_layer):
         t = tensors[WKV_KEY.format(i=i)]
-        if t.shape != first.shape:
-            raise StateFileError(f"{where}: {WKV_KEY.format(i=i)}: expected shape {list(first.shape)} "
+        if list(t.shape) != shapes[WKV_KEY]:
+            raise StateFileError(f"{where}: {WKV_KEY.format(i=i)}: expected shape {shapes[WKV_KEY]} "
                                  f"(as layer 0), found {list(t.shape)}")
     wkv = torch.stack([tensors[WKV_KEY.format(i=i)].float() for i in range(n_layer)]).unsqueeze(1)
-    C = first.shape[0] * first.shape[1]
-    has_shift = bool(found["att.time_shift"] or found["ffn.time_shift"])
+    (C,) = shapes[ATT_SHIFT_KEY]
+    has_shift = has_token_shift(found)
     if has_shift:
         shifts = []
-        for key in (ATT_SHIFT_KEY, FFN_SHIFT_KEY):
-            _all_layers(found[key.split(".", 2)[2]], n_layer, key, where, "token-shift vectors are stored for "
+        for key in SHIFT_KEYS:
+            _all_layers(found[key], n_layer, key, where, "token-shift vectors are stored for "
                         "every layer or for none")
             shifts.append(torch.stack([_vector(tensors[key.format(i=i)], C, key.format(i=i), where)
                                        for i in range(n_layer)]).unsqueeze(1))
