@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
@@ -163,10 +162,6 @@ class RWKVBase(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.head(h), new_state
-
-    def logits(self, h: Tensor) -> Tensor:
-        """The output layer applied to hidden states from :meth:`hidden`."""
-        return F.linear(h, self.head.weight)
 
     def fingerprint(self) -> str:
         """A hash of fixed slices of base tensors, rounded to bf16 so that it does not depend on the

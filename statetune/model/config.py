@@ -25,12 +25,6 @@ class RWKVConfig:
     lora: dict[str, int]
     layer0_has_v: bool = True  # RWKV-7: whether block 0 stores the (unused) v0/v1/v2 value-residual weights
 
-    @property
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-layer state shapes without the batch dimension."""
-        C, H, N = self.n_embd, self.n_head, self.head_size
-        return {"att_shift": (C,), "wkv": (H, N, N), "ffn_shift": (C,)}
-
 
 def detect_version(sd: dict[str, Tensor], where: str) -> str:
     """``rwkv7`` (x070) or ``rwkv6`` (x060), from which keys block 0 has."""
