@@ -6,12 +6,9 @@ out in ``scripts/pretrain/model.py``. Training: AdamW, linear warmup then cosine
 contiguous byte windows of the corpus built by ``scripts/build_corpus.py`` with documents joined by the
 end-of-text id 0.
 
-The budget (``--minutes``) drives the schedule: the first steps measure the seconds per step, the number of
-steps is planned so that the cosine ends when the budget does, and the plan is revised every few steps
-from the recent speed (the machine may be shared). The cosine runs on a progress variable that each step
-advances by its share of what is left (``(1 - p) / steps left``), so a revised plan changes the pace of
-the decay without making the learning rate jump. A resumable training state is written every few
-minutes and on SIGTERM/SIGINT; ``--resume`` continues a killed run.
+The budget (``--minutes``) drives the schedule, so that the cosine ends when the budget does (planned
+from the measured speed and revised as it changes); a resumable training state is written every few
+minutes and on SIGTERM/SIGINT, and ``--resume`` continues a killed run (``scripts/pretrain/loop.py``).
 
 At the end it writes, into ``--out`` (default ``statetune/assets/tiny-rwkv7/``): ``model.pth`` (a plain
 dict of tensors in the official key format, bf16), ``tokenizer.json``, ``loss.png`` and ``MODEL_CARD.md``

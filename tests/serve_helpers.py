@@ -8,7 +8,7 @@ import threading
 import time
 
 import openai
-import torch
+import state_compare
 
 from statetune.model.state import RWKVState
 from statetune.serve.command import ServeOptions, bound_socket, build_service, make_server
@@ -17,10 +17,8 @@ KEY = "test-key-123"
 
 
 def random_state(model, seed: int) -> RWKVState:
-    g = torch.Generator().manual_seed(seed)
-    s = model.zero_state(1)
-    return RWKVState(torch.randn(s.att_shift.shape, generator=g), torch.randn(s.wkv.shape, generator=g) * 0.5,
-                     torch.randn(s.ffn_shift.shape, generator=g))
+    """A batch-1 random state (see :func:`state_compare.random_state`)."""
+    return state_compare.random_state(model, 1, seed)
 
 
 class Raw:

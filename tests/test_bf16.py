@@ -79,7 +79,7 @@ def test_generate_in_bf16(models, capsys):
 @pytest.mark.slow
 def test_serve_in_bf16_equals_generate_in_bf16(models, tmp_path, capsys):
     pytest.importorskip("fastapi")
-    from test_serve import Running
+    from serve_helpers import Running
 
     from statetune.serve.command import ServeOptions
 

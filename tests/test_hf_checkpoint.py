@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from state_compare import assert_states_close, random_state
 
 import statetune
 from statetune.cli import main
@@ -20,13 +21,6 @@ from statetune.model.hf import read_hf_tensors
 from statetune.model.state import RWKVState
 
 EXACT = dict(atol=1e-5, rtol=0)
-
-
-def _random_state(model, batch: int, seed: int) -> RWKVState:
-    g = torch.Generator().manual_seed(seed)
-    s = model.zero_state(batch)
-    return RWKVState(torch.randn(s.att_shift.shape, generator=g), torch.randn(s.wkv.shape, generator=g) * 0.5,
-                     torch.randn(s.ffn_shift.shape, generator=g))
 
 
 def _tokens(vocab: int, shape=(2, 9), seed: int = 3) -> torch.Tensor:
@@ -53,11 +47,10 @@ def test_rwkv7_hf_conversion_matches_official_file(official_ckpt, rwkv7_hf_dir):
     hf = statetune.load_model(rwkv7_hf_dir)
     assert hf.config == dataclasses.replace(official.config, layer0_has_v=False)
     assert hf.fingerprint() == official.fingerprint()
-    tokens, state = _tokens(65536), _random_state(official, 2, seed=4)
+    tokens, state = _tokens(65536), random_state(official, 2, seed=4)
     (la, sa), (lb, sb) = official(tokens, state), hf(tokens, state)
     torch.testing.assert_close(lb, la, **EXACT)
-    for name, a, b in zip(("att_shift", "wkv", "ffn_shift"), sa.tensors(), sb.tensors(), strict=True):
-        torch.testing.assert_close(b, a, **EXACT, msg=lambda m, n=name: f"{n}: {m}")
+    assert_states_close(sb, sa, **EXACT)
 
 
 def test_matches_rwkv7_hf_reference_model(rwkv7_hf_dir):

@@ -5,19 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_rwkv import from_reference_state, reference_model, to_reference_state
+from state_compare import assert_states_close, random_state
 
 import statetune
-from statetune.model.state import RWKVState
 
 pytest.importorskip("rwkv")
 TOL = dict(atol=1e-4, rtol=0)
-
-
-def random_state(model, batch: int, seed: int) -> RWKVState:
-    g = torch.Generator().manual_seed(seed)
-    s = model.zero_state(batch)
-    return RWKVState(torch.randn(s.att_shift.shape, generator=g), torch.randn(s.wkv.shape, generator=g) * 0.5,
-                     torch.randn(s.ffn_shift.shape, generator=g))
 
 
 @pytest.mark.parametrize("version,dtype", [("rwkv7", torch.float32), ("rwkv7", torch.bfloat16),
@@ -35,10 +28,7 @@ def test_logits_and_state_match_reference(official_ckpt, version, dtype, init):
         ref_logits, ref_state = ref.forward(tokens[b].tolist(), to_reference_state(state, b, version),
                                             full_output=True)
         torch.testing.assert_close(logits[b], ref_logits.float(), **TOL)
-        expect = from_reference_state(ref_state, version)
-        got = new_state.select([b])
-        for name, g, e in zip(("att_shift", "wkv", "ffn_shift"), got.tensors(), expect.tensors(), strict=True):
-            torch.testing.assert_close(g, e.float(), **TOL, msg=lambda m, n=name: f"{n}: {m}")
+        assert_states_close(new_state.select([b]), from_reference_state(ref_state, version), **TOL)
 
 
 @pytest.mark.parametrize("version", ["rwkv7", "rwkv6"])
