@@ -42,6 +42,7 @@ def test_bad_option_names_the_flag(capsys):
     assert "--arch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(tiny_ckpt, tmp_path):
     """`statetune ... | head`: once the reader is gone, exit 141 without a traceback."""
     import statetune

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import statetune
 from statetune.cli import main
 from statetune.demo import asset
@@ -12,6 +14,7 @@ def test_shipped_model_loads_and_is_byte_level():
     assert model.config.version == "rwkv7" and model.config.vocab_size == 257
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--threads", "2"]) == 0
     out = capsys.readouterr().out

@@ -42,6 +42,7 @@ def write_csv(path: Path, n_mr: int = 30, refs: int = 2) -> None:
                 w.writerow([mr, f"Place {i} serves {food} food in the {area}{'.' if j == 0 else ', they say.'}"])
 
 
+@pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     model = tmp_path / "tiny.pth"
     torch.save(random_checkpoint("rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=257, dim_ffn=64,
@@ -85,6 +86,7 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     assert "| method |" in md and "python benchmarks/quality_e2e.py --quick" in md
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, message", [("state_direct=", "positive rates"), ("nope=1", "unknown method"),
                                             ("lora=1,x", "positive rates"), ("full=-1", "positive rates")])
 def test_bad_lr_grid_is_a_usage_error(value: str, message: str) -> None:

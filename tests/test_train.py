@@ -113,6 +113,7 @@ def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
                           env={**os.environ, **(env or {})}, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault,returncode", [("7", -9), ("7:INT", 130)], ids=["sigkill", "ctrl-c"])
 def test_interrupted_run_resumes_exactly(task, tmp_path, fault, returncode):
     """Killed (SIGKILL: resume from the step-4 checkpoint) or interrupted (Ctrl-C: a checkpoint is saved at
@@ -137,6 +138,7 @@ def test_interrupted_run_resumes_exactly(task, tmp_path, fault, returncode):
     assert steps == list(range(1, 13))  # nothing logged twice after the resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tune_shift", [False, True])
 def test_resume_from_a_checkpoint_without_lr_scale(task, tmp_path, tune_shift):
     """Checkpoints written before the shift states had their own optimizer group: a plain run resumes; a
@@ -161,6 +163,7 @@ def test_resume_from_a_checkpoint_without_lr_scale(task, tmp_path, tune_shift):
         assert (tmp_path / "run" / "state-final.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(task, tmp_path):
     model, tr, va = task
     common = ["--model", str(model), "--train-data", str(tr), "--max-steps", "4", "--no-progress",
