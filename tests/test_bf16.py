@@ -52,6 +52,7 @@ def test_bf16_logits_are_close_to_fp32_on_both_paths(models, version):
     assert _rel(got["chunked"], got["reference"]) < PATHS_REL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["rwkv7", "rwkv6"])
 def test_bf16_trains_a_state_that_works_in_fp32(models, tmp_path, version):
     model = models[version]

@@ -200,6 +200,7 @@ def _grad_norm(out: Path) -> float:
     return event["grad_norm"]
 
 
+@pytest.mark.slow
 def test_cli_grad_norm_does_not_depend_on_ctx_len(long_task, tmp_path):
     for ctx in ("8", "64", "4096"):  # 4096: longer than every record, one unsegmented pass
         assert main(_train_args(long_task, tmp_path / ctx, "--max-steps", "1", "--ctx-len", ctx)) == 0
@@ -217,6 +218,7 @@ def test_cli_grad_norm_does_not_depend_on_ctx_len(long_task, tmp_path):
     assert trained["bptt"] == "truncated" and trained["ctx_len"] == 8
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_over_the_global_batch(long_task, tmp_path):
     """One batch of 6, two micro-batches of 3, three of 2: the same global batch, the same gradient."""
     for bs, accum in [(6, 1), (3, 2), (2, 3)]:
@@ -278,6 +280,7 @@ def test_sigkill_resume_is_bit_identical_with_full_bptt(long_task, tmp_path):
 # -- long chats through prepare ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fifty_turn_chat_trains_on_every_assistant_turn(tiny_ckpt, tmp_path):
     from statetune.data.prepare import PrepareOptions, prepare
 

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
     return model, va, root / "run"
 
 
+@pytest.mark.slow
 def test_side_by_side_loss_and_generation(trained, tmp_path, capsys):
     model, va, run = trained
     out = tmp_path / "report"

@@ -39,6 +39,7 @@ def run(engine: Engine) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["rwkv7", "rwkv6"])
 def test_greedy_with_state_matches_official_package(official_ckpt, tmp_path, capsys, version):
     pytest.importorskip("rwkv")

@@ -64,6 +64,7 @@ def test_time_state_becomes_default_state(tmp_path, tiny_ckpt):
     assert not torch.allclose(with_state, zeros)
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_initial_state_float64(tiny_ckpt):
     model = statetune.load_model(tiny_ckpt("rwkv7"), dtype=torch.float64)
     model.set_wkv_impl("reference")
@@ -81,6 +82,7 @@ def test_gradients_reach_the_initial_state_float64(tiny_ckpt):
     assert torch.autograd.gradcheck(f, (att, wkv, ffn), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rwkv6_gradcheck_float64(tiny_ckpt):
     model = statetune.load_model(tiny_ckpt("rwkv6"), dtype=torch.float64)
     model.set_wkv_impl("reference")

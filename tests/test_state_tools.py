@@ -20,6 +20,7 @@ def _state(model, seed=0, shift=True) -> RWKVState:
     return RWKVState(att, torch.randn(s.wkv.shape, generator=g) * 0.5, ffn)
 
 
+@pytest.mark.slow
 def test_rwkv6_merged_checkpoint_matches_in_rwkv_package(official_ckpt, tmp_path):
     path = official_ckpt("rwkv6")
     model = statetune.load_model(path)

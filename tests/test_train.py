@@ -42,6 +42,7 @@ def val_losses(out) -> list[float]:
     return [e["loss"] for e in read_metrics(Path(out) / "metrics.jsonl") if e["type"] == "val"]
 
 
+@pytest.mark.slow
 def test_direct_state_learns_and_beats_zero_state(task, tmp_path):
     run(task, tmp_path, max_steps=40, eval_every=20)
     losses = val_losses(tmp_path)
