@@ -145,6 +145,17 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
     for png in ("by_budget", "by_params"):
         assert (tmp_path / "results" / f"quality_curves_quick_{png}.png").stat().st_size > 0
 
+    # --lr-auto: the finder's search is logged, its pick trained and scored, and compared with the sweep's rate
+    auto = _curves(tmp_path, "--budgets", "3", "--methods", "state_direct", "--lr-auto", "--seeds", "1")
+    assert auto.returncode == 0, auto.stdout[-3000:] + auto.stderr[-3000:]
+    res3 = json.loads(out.read_text())
+    (finder,) = res3["finder"]
+    assert finder["budget"] == 3 and len(finder["trials"]) == 6
+    assert finder["pick"] in [t["lr"] for t in finder["trials"]]
+    assert any(p["lr"] == finder["pick"] and p["seed"] == 0 and p["scored"] for p in res3["points"]
+               if p["method"] == "state_direct" and p["budget"] == 3)
+    assert "### LR finder against the best fixed rate" in (tmp_path / "results/quality_curves_quick.md").read_text()
+
     # a file made with another setup is refused, not mixed in
     other = _curves(tmp_path, "--budgets", "3", "--methods", "lora", "--val-records", "3")
     assert other.returncode != 0 and "made with another setup (differs in val_records)" in other.stderr

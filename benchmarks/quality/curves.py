@@ -23,10 +23,14 @@ from statetune.train.lr_finder import find_lr
 from . import curves_report, methods, points
 from .bench import LR_GRID, Bench, rel
 
-#: Built-in guesses of the seconds one optimizer step of batch 8 takes on 2 threads (validation included),
-#: and of scoring one trained model; the plan uses measured values from the results file once it has any.
-STEP_S = {"state": 0.9, "lora": 1.1, "full": 1.1}
-SCORE_S = 45.0
+#: Built-in guesses from the recorded 40-step benchmark (2 threads on a quiet machine, shipped model,
+#: full-size validation and test): seconds of one optimizer step of batch 8, of a run's other work (start-up,
+#: five validations), and of scoring one trained model (the run's wall time less its training, split over
+#: its 38 runs and 25 scorings). The plan uses the results file's measured values once it has any: a busy
+#: machine is several times slower.
+STEP_S = {"state": 0.7, "lora": 0.85, "full": 0.85}
+RUN_OVERHEAD_S = 13.0
+SCORE_S = 15.0
 #: The LR finder's decades per family (peak rates), and its steps per trial.
 FINDER_RANGE = {"state": (0.1, 100.0), "lora": (1e-4, 1e-1), "full": (1e-5, 1e-2)}
 
@@ -145,13 +149,20 @@ class Curves(Bench):
         best = points.chosen_lr(self.merged, method, budget)
         return bool(grid) and set(grid) <= done and best is not None and self.has(method, budget, best, 0)
 
+    def measured(self, method: str) -> list[dict]:
+        return [p for p in self.merged.get("points", []) if family(p["method"]) == family(method) and p.get("run_s")]
+
     def step_seconds(self, method: str) -> float:
-        """Seconds per optimizer step of batch 8 (validation included): measured if the file has points."""
-        done = [p for p in self.merged.get("points", []) if family(p["method"]) == family(method)
-                and p.get("run_s")]
+        """Seconds per optimizer step (training only): measured if the file has points of this family."""
+        done = self.measured(method)
         if done:
-            return sum(p["run_s"] for p in done) / sum(p["budget"] for p in done) * 8 / self.args.batch_size
+            return sum(p["train_s"] for p in done) / sum(p["budget"] for p in done)
         return STEP_S[family(method)] * self.args.batch_size / 8
+
+    def run_overhead(self, method: str) -> float:
+        """Seconds per training run besides its steps (start-up, the validations, the best state)."""
+        done = self.measured(method)
+        return sum(p["run_s"] - p["train_s"] for p in done) / len(done) if done else RUN_OVERHEAD_S
 
     def score_seconds(self) -> float:
         """Seconds to score one trained model (test loss, generation, speed): measured if the file has any."""
@@ -159,11 +170,11 @@ class Curves(Bench):
         return sum(done) / len(done) if done else SCORE_S
 
     def estimate(self, t: Task) -> float:
-        per_step, SCORE_S = self.step_seconds(t.method), self.score_seconds()  # noqa: N806
+        step, over, score = self.step_seconds(t.method), self.run_overhead(t.method), self.score_seconds()
         if t.kind == "finder":
             n_rates = len(self.finder_rates(t.method)) + 2
-            return per_step * self.args.finder_steps * n_rates + per_step * t.budget + SCORE_S
-        return per_step * t.budget * t.runs() + SCORE_S
+            return n_rates * (step * self.args.finder_steps + over) + step * t.budget + over + score
+        return t.runs() * (step * t.budget + over) + score
 
     def print_plan(self) -> float:
         total = 0.0
