@@ -150,7 +150,7 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
     assert auto.returncode == 0, auto.stdout[-3000:] + auto.stderr[-3000:]
     res3 = json.loads(out.read_text())
     (finder,) = res3["finder"]
-    assert finder["budget"] == 3 and len(finder["trials"]) == 6
+    assert finder["budget"] == 3 and len(finder["trials"]) in (5, 6)  # 4 decades + 1 or 2 midpoints
     assert finder["pick"] in [t["lr"] for t in finder["trials"]]
     assert any(p["lr"] == finder["pick"] and p["seed"] == 0 and p["scored"] for p in res3["points"]
                if p["method"] == "state_direct" and p["budget"] == 3)

@@ -249,6 +249,8 @@ class Curves(Bench):
 
     def sweep(self, name: str, budget: int) -> float:
         grid, note = self.grid_for(name, budget)
+        if not grid:  # the previous budget's sweep did not finish: fall back to the built-in grid
+            grid, note = list(LR_GRID[name]), "built-in grid (the previous budget has no result)"
         tried: dict[float, float] = {}
         best: tuple[float, methods.Trained, float] | None = None
         extend = self.args.max_extend if len(grid) > 1 else 0
