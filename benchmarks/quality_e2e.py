@@ -10,6 +10,14 @@ the validation curves.
 
     python benchmarks/quality_e2e.py --threads 2            # the full run (under an hour on 2 CPU threads)
     python benchmarks/quality_e2e.py --quick --threads 1    # a few steps of everything (a smoke test)
+
+Learning curves (``--budgets``): every method at several budgets, each with its own schedule and LR sweep,
+several seeds per point; invocations with different ``--methods`` or ``--budgets`` merge into one results
+file (``benchmarks/results/quality_curves.json``) and one section of ``benchmarks/RESULTS.md``:
+
+    python benchmarks/quality_e2e.py --budgets 40,160,640 --methods state_direct,lora --seeds 2 \
+        --seeds-largest 3 --plan                            # print the runs and an estimated time
+    python benchmarks/quality_e2e.py --budgets 160 --methods state_direct --lr-auto   # the LR finder instead
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import methods, report  # noqa: E402
 from quality.bench import FULL, QUICK, REPO, Bench, rel  # noqa: E402
+from quality.curves import curves_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +63,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="learning rates to sweep for one method instead of its built-in grid (repeatable)")
     ap.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                     help="start no new training run after this many minutes (the report is then marked partial)")
+    curves = ap.add_argument_group("learning curves")
+    curves.add_argument("--budgets", default=None, metavar="STEPS[,STEPS...]",
+                        help="run the learning curves at these budgets (optimizer steps of --batch-size) instead "
+                             "of the single-budget benchmark, e.g. 40,160,640")
+    curves.add_argument("--seeds-largest", type=int, default=None,
+                        help="seeds per point at the largest budget of --budgets (default: --seeds)")
+    curves.add_argument("--plan", action="store_true", help="print the runs and an estimated time, run nothing")
+    curves.add_argument("--lr-auto", action="store_true",
+                        help="pick each (method, budget)'s LR with statetune's LR finder instead of a sweep")
+    curves.add_argument("--finder-steps", type=int, default=None,
+                        help="LR finder: steps per tried rate (default 24; 2 with --quick)")
+    curves.add_argument("--resume", action="store_true",
+                        help="skip the points the results file already has (scored), e.g. after --time-limit")
+    curves.add_argument("--seeds-only", action="store_true",
+                        help="run only the further seeds, at the LRs the results file's sweeps chose")
+    curves.add_argument("--max-extend", type=int, default=1,
+                        help="sweep: rates added beyond a grid edge when the best sits there (default 1)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only rewrite the report and plot from an existing results JSON")
     ap.add_argument("--results-dir", type=Path, default=REPO / "benchmarks/results")
@@ -75,8 +101,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.json = args.results_dir / f"{stem}.json"
     args.curves = args.results_dir / f"{stem}_curves.png"
     official = not args.quick and args.results_dir.resolve() == (REPO / "benchmarks/results").resolve()
+    if args.budgets is not None:
+        parse_curves(ap, args, official)
     args.report = args.report or (REPO / "benchmarks/RESULTS.md" if official else args.results_dir / f"{stem}.md")
     return args
+
+
+def parse_curves(ap: argparse.ArgumentParser, args: argparse.Namespace, official: bool) -> None:
+    """Check the learning-curve flags and name the curves' results file, plots and report."""
+    try:
+        args.budgets = sorted({int(b) for b in args.budgets.split(",") if b.strip()})
+    except ValueError:
+        args.budgets = []
+    if not args.budgets or min(args.budgets) < 1:
+        ap.error(f"--budgets {args.budgets}: expected positive step counts, e.g. 40,160,640")
+    for flag, value in (("--seeds", args.seeds), ("--seeds-largest", args.seeds_largest),
+                        ("--max-extend", args.max_extend + 1), ("--finder-steps", args.finder_steps)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} {value}: must be at least 1" if flag != "--max-extend" else "--max-extend: 0 or more")
+    if args.finder_steps is None:
+        args.finder_steps = 2 if args.quick else 24
+    stem = "quality_curves_quick" if args.quick else "quality_curves"
+    args.json = args.results_dir / f"{stem}.json"
+    args.curves_by_budget = args.results_dir / f"{stem}_by_budget.png"
+    args.curves_by_params = args.results_dir / f"{stem}_by_params.png"
+    args.report = args.report or (REPO / "benchmarks/RESULTS.md" if official else args.results_dir / f"{stem}.md")
+    args.curves_report = args.report
 
 
 def parse_lr_grid(ap: argparse.ArgumentParser, item: str) -> tuple[str, list[float]]:
@@ -102,16 +152,25 @@ def command_line(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.render is not None and args.budgets is not None:
+        from quality import curves_report, points
+
+        curves_report.render(points.read(args.render), args)
+        return 0
     if args.render is not None:
         results = json.loads(args.render.read_text())
         report.plot_curves(results, args.curves)
         report.write_report(results, args.report, os.path.relpath(args.curves, args.report.parent))
         return 0
+    if args.budgets is not None and args.plan:
+        return curves_main(args, command_line(argv))
     torch.set_num_threads(args.threads)
     if not args.model.is_file():
         raise SystemExit(f"{args.model}: model not found (pass --model)")
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: E2E CSV not found (pass --data)")
+    if args.budgets is not None:
+        return curves_main(args, command_line(argv))
     Bench(args, command_line(argv)).run()
     return 0
 

@@ -93,3 +93,71 @@ def test_bad_lr_grid_is_a_usage_error(value: str, message: str) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--lr", value], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and f"--lr {value}" in proc.stderr
+
+
+# -- learning curves: budgets, and invocations that merge into one results file ------------------------------
+
+def _curves(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    model, data, general = tmp_path / "tiny.pth", tmp_path / "e2e.csv", tmp_path / "general.txt"
+    if not model.exists():
+        torch.save(random_checkpoint("rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=257, dim_ffn=64,
+                                     seed=3), model)
+        write_csv(data)
+        general.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 30)
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--model", str(model), "--data", str(data),
+           "--general-text", str(general), "--results-dir", str(tmp_path / "results"), *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "quality_curves_quick.json"
+    first = _curves(tmp_path, "--budgets", "2,3", "--methods", "state_direct", "--seeds", "2",
+                    "--lr", "state_direct=0.5,0.25", "--max-extend", "0")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _curves(tmp_path, "--budgets", "3", "--methods", "lora")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    res = json.loads(out.read_text())
+    keys = sorted((p["method"], p["budget"], p["lr"], p["seed"]) for p in res["points"])
+    # state_direct: both rates at seed 0 per budget, seed 1 at the chosen one; lora: its quick rate once
+    assert [k for k in keys if k[0] == "lora"] == [("lora", 3, 0.01, 0)]
+    direct = [k for k in keys if k[0] == "state_direct"]
+    assert len(direct) == 6 and {k[1] for k in direct} == {2, 3}
+    for budget in (2, 3):
+        seed0 = {p["lr"]: p for p in res["points"] if p["method"] == "state_direct" and p["budget"] == budget
+                 and p["seed"] == 0}
+        chosen = min(seed0.values(), key=lambda p: p["best_val"])
+        assert set(seed0) == {0.5, 0.25} and chosen["scored"] and not seed0[0.75 - chosen["lr"]]["scored"]
+        assert ("state_direct", budget, chosen["lr"], 1) in keys
+        assert chosen["eval_every"] == max(1, budget // 5) and chosen["warmup"] == max(1, budget // 6)
+    assert len(res["invocations"]) == 2 and set(res["baselines"]) == {"zero_shot", "few_shot"}
+
+    # running a point again replaces it (no duplicate), and --plan says what would run without running it
+    plan = _curves(tmp_path, "--budgets", "3", "--methods", "lora", "--plan")
+    assert plan.returncode == 0 and "lora" in plan.stdout and "estimated total" in plan.stdout
+    again = _curves(tmp_path, "--budgets", "3", "--methods", "lora")
+    assert again.returncode == 0, again.stderr[-3000:]
+    res2 = json.loads(out.read_text())
+    assert sorted((p["method"], p["budget"], p["lr"], p["seed"]) for p in res2["points"]) == keys
+    lora_pt = [p for p in res2["points"] if p["method"] == "lora"][0]
+    assert lora_pt["invocation"] == res2["invocations"][-1]["id"] and len(res2["invocations"]) == 3
+
+    md = (tmp_path / "results" / "quality_curves_quick.md").read_text()
+    assert md.count("| LoRA (peft)") == 1 and md.count("| state tuning, direct, WKV only |") == 2
+    for png in ("by_budget", "by_params"):
+        assert (tmp_path / "results" / f"quality_curves_quick_{png}.png").stat().st_size > 0
+
+    # --lr-auto: the finder's search is logged, its pick trained and scored, and compared with the sweep's rate
+    auto = _curves(tmp_path, "--budgets", "3", "--methods", "state_direct", "--lr-auto", "--seeds", "1")
+    assert auto.returncode == 0, auto.stdout[-3000:] + auto.stderr[-3000:]
+    res3 = json.loads(out.read_text())
+    (finder,) = res3["finder"]
+    assert finder["budget"] == 3 and len(finder["trials"]) in (5, 6)  # 4 decades + 1 or 2 midpoints
+    assert finder["pick"] in [t["lr"] for t in finder["trials"]]
+    assert any(p["lr"] == finder["pick"] and p["seed"] == 0 and p["scored"] for p in res3["points"]
+               if p["method"] == "state_direct" and p["budget"] == 3)
+    assert "### LR finder against the best fixed rate" in (tmp_path / "results/quality_curves_quick.md").read_text()
+
+    # a file made with another setup is refused, not mixed in
+    other = _curves(tmp_path, "--budgets", "3", "--methods", "lora", "--val-records", "3")
+    assert other.returncode != 0 and "made with another setup (differs in val_records)" in other.stderr
