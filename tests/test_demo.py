@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statetune
 from statetune.cli import main
-from statetune.demo import asset
+from statetune.commands.demo import asset
 
 
 def test_shipped_model_loads_and_is_byte_level():

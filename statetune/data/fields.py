@@ -1,6 +1,7 @@
 """Reading one field of a record, and ``{field}`` templates: type checks with errors that name the field.
 
-``RecordError`` carries the field; whoever reads the file adds the file name and line to the message.
+``RecordError`` (from :mod:`statetune.errors`, so that prompt building below ``data`` can raise it too)
+carries the field; whoever reads the file adds the file name and line to the message.
 """
 
 from __future__ import annotations
@@ -11,22 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from statetune.errors import DataError, OptionError
-
-
-class RecordError(DataError):
-    """A record that does not fit its format; ``field`` says which part (the caller adds file and line)."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"field {field!r}: {detail}")
-        self.field = field
-        self.detail = detail
-
-    @property
-    def message(self) -> str:
-        """The message without the field when the problem is the whole record (bad JSON, wrong columns)."""
-        return self.detail if self.field == "record" else str(self)
-
+from statetune.errors import OptionError, RecordError
 
 # -- templates ---------------------------------------------------------------------------------------------
 
