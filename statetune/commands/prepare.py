@@ -13,6 +13,7 @@ from statetune.data.fields import Template, unescape
 from statetune.data.formats import Format
 from statetune.data.prepare import PrepareSettings, TokenizerChoice, check_paths, prepare_dataset, resolve_tokenizer
 from statetune.errors import OptionError
+from statetune.options import h
 
 __all__ = ["PrepareOptions", "prepare"]
 
@@ -26,32 +27,32 @@ class PrepareOptions:
     --completion-template read any fields. See docs/prepare.md.
     """
 
-    inputs: list[str] = field(metadata={"positional": True, "help": "JSONL, CSV or TSV files to tokenize."})
-    out: str = field(metadata={"help": "Output name: writes OUT.jsonl, OUT.meta.json (and OUT.val.jsonl)."})
-    format: Format = field(default=Format.AUTO, metadata={
-        "help": "Record format; auto detects it per file from the first valid record."})
-    tokenizer: TokenizerChoice = field(default=TokenizerChoice.AUTO, metadata={
-        "help": "Tokenizer; auto takes it from --model's vocabulary size, else world."})
-    model: str | None = field(default=None, metadata={
-        "help": "Model checkpoint (.pth/.safetensors) whose vocabulary picks the tokenizer."})
-    prompt_template: str | None = field(default=None, metadata={
-        "help": r"Prompt (no loss) from record fields, e.g. 'Input: {mr}\n\nResponse:' (\n is a newline)."})
-    completion_template: str | None = field(default=None, metadata={
-        "help": "Completion (loss) from record fields, e.g. ' {ref}'."})
-    eos: str | None = field(default=None, metadata={
-        "help": "Appended after each completion: none, a token id, or text. Default: 0 (end of text) for "
-                "completion formats, nothing for text and chat (turns end with a blank line)."})
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "Fraction of records for OUT.val.jsonl (deterministic by hash)."})
-    split_by: str | None = field(default=None, metadata={
-        "help": "Field whose value keeps records together on one side of the split."})
-    seed: int = field(default=0, metadata={"help": "Seed of the train/validation split."})
-    max_len: int | None = field(default=None, metadata={
-        "help": "Report records longer than this many tokens (they are kept whole, never truncated)."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Skip invalid records (counted and listed) instead of stopping at the first one."})
-    workers: int = field(default=0, metadata={
-        "help": "Tokenizing processes; 0 = one per CPU core on inputs over 8 MB, else 1."})
+    inputs: list[str] = field(metadata=h("JSONL, CSV or TSV files to tokenize.", positional=True))
+    out: str = field(metadata=h("Output name: writes OUT.jsonl, OUT.meta.json (and OUT.val.jsonl)."))
+    format: Format = field(default=Format.AUTO, metadata=h(
+        "Record format; auto detects it per file from the first valid record."))
+    tokenizer: TokenizerChoice = field(default=TokenizerChoice.AUTO, metadata=h(
+        "Tokenizer; auto takes it from --model's vocabulary size, else world."))
+    model: str | None = field(default=None, metadata=h(
+        "Model checkpoint (.pth/.safetensors) whose vocabulary picks the tokenizer."))
+    prompt_template: str | None = field(default=None, metadata=h(
+        r"Prompt (no loss) from record fields, e.g. 'Input: {mr}\n\nResponse:' (\n is a newline)."))
+    completion_template: str | None = field(default=None, metadata=h(
+        "Completion (loss) from record fields, e.g. ' {ref}'."))
+    eos: str | None = field(default=None, metadata=h(
+        "Appended after each completion: none, a token id, or text. Default: 0 (end of text) for completion "
+        "formats, nothing for text and chat (turns end with a blank line)."))
+    val_fraction: float = field(default=0.0, metadata=h(
+        "Fraction of records for OUT.val.jsonl (deterministic by hash)."))
+    split_by: str | None = field(default=None, metadata=h(
+        "Field whose value keeps records together on one side of the split."))
+    seed: int = field(default=0, metadata=h("Seed of the train/validation split."))
+    max_len: int | None = field(default=None, metadata=h(
+        "Report records longer than this many tokens (they are kept whole, never truncated)."))
+    skip_invalid: bool = field(default=False, metadata=h(
+        "Skip invalid records (counted and listed) instead of stopping at the first one."))
+    workers: int = field(default=0, metadata=h(
+        "Tokenizing processes; 0 = one per CPU core on inputs over 8 MB, else 1."))
 
     def __post_init__(self) -> None:
         try:

@@ -55,7 +55,6 @@ class Format(enum.StrEnum):
     TEMPLATE = "template"
 
 
-
 # -- one function per format -------------------------------------------------------------------------------
 
 
