@@ -62,9 +62,25 @@ def chat_stop(tokenizer: Tokenizer) -> dict[str, Any]:
     return {"ids": tokenizer.encode(CHAT_END), "text": CHAT_END}
 
 
-def template_fields(source: str) -> list[str]:
-    """The ``{field}`` names a (valid) template reads, in order of first use."""
-    return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(source) if name is not None))
+def parse_template(source: str, flag: str) -> tuple[tuple[str, str | None], ...]:
+    """A ``{field}`` template (``{{``/``}}`` for literal braces) as ``(literal, field or None)`` parts; an
+    :class:`OptionError` naming ``flag`` for odd syntax (a format spec, a conversion, a non-name)."""
+    try:
+        parsed = list(string.Formatter().parse(source))
+    except ValueError as e:
+        raise OptionError(f"{flag}: invalid template {source!r}: {e}") from None
+    parts = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (not name.isidentifier() or spec or conversion):
+            raise OptionError(f"{flag}: placeholder {{{name}{'!' + conversion if conversion else ''}"
+                              f"{':' + spec if spec else ''}}} is not a plain {{field}} name")
+        parts.append((literal, name))
+    return tuple(parts)
+
+
+def template_fields(source: str, flag: str = "prompt template") -> list[str]:
+    """The ``{field}`` names a template reads, in order of first use."""
+    return list(dict.fromkeys(name for _, name in parse_template(source, flag) if name is not None))
 
 
 #: Prompt, completion and no-input prompt templates implied by each dataset format (by its name).
@@ -118,9 +134,11 @@ class Prompts:
             return text
         for source in (self.template, self.no_input):
             if source:
-                names = template_fields(source)
+                parts = parse_template(source, "prompt template")
+                names = list(dict.fromkeys(name for _, name in parts if name is not None))
                 if len(names) == 1:
-                    return source.format_map({names[0]: normalize_chat(text) if self.chat else text})
+                    value = normalize_chat(text) if self.chat else text
+                    return "".join(literal + (value if name else "") for literal, name in parts)
                 if not names:
                     return text
         raise OptionError(f"{flag}: the prompt template {self.template!r} needs the fields "

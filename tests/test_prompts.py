@@ -62,6 +62,9 @@ def test_prompt_overrides_and_errors():
     assert Prompts({}).from_text("x") == "x"
     with pytest.raises(OptionError, match="--prompt-field: the prompt template .* needs the fields a, b"):
         Prompts({"prompt_template": "{a} {b}"}).from_text("x", "--prompt-field")
+    with pytest.raises(OptionError, match=r"placeholder \{0\} is not a plain"):  # a damaged state's metadata
+        Prompts({"prompt_template": "Q {0}"}).from_text("x")
+    assert Prompts({"prompt_template": "{{{q}}}"}).from_text("x") == "{x}"
     with pytest.raises(RecordError, match=r"messages\[0\]"):
         chat_prompt([{"role": "robot", "content": "x"}])
 

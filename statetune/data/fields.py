@@ -7,12 +7,12 @@ carries the field; whoever reads the file adds the file name and line to the mes
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from statetune.errors import OptionError, RecordError
+from statetune.errors import RecordError
+from statetune.prompts import parse_template
 
 # -- templates ---------------------------------------------------------------------------------------------
 
@@ -33,17 +33,7 @@ class Template:
     parts: tuple[tuple[str, str | None], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        parts = []
-        try:
-            parsed = list(string.Formatter().parse(self.source))
-        except ValueError as e:
-            raise OptionError(f"{self.flag}: invalid template {self.source!r}: {e}") from None
-        for literal, name, spec, conversion in parsed:
-            if name is not None and (not name.isidentifier() or spec or conversion):
-                raise OptionError(f"{self.flag}: placeholder {{{name}{'!' + conversion if conversion else ''}"
-                                  f"{':' + spec if spec else ''}}} is not a plain {{field}} name")
-            parts.append((literal, name))
-        object.__setattr__(self, "parts", tuple(parts))
+        object.__setattr__(self, "parts", parse_template(self.source, self.flag))
 
     @property
     def fields(self) -> list[str]:
