@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                 group = sub.add_parser(name, help=f"{name} tools: {', '.join(cmd)}.")
             else:
                 group = _add_command(sub, name, default)
-            inner = group.add_subparsers(dest="subcommand", required=default is None, metavar="SUBCOMMAND")
+            inner = group.add_subparsers(dest="subcommand", required=default is None,
+                                         metavar="SUBCOMMAND" if default is None else "[SUBCOMMAND]")
             for sub_name, sub_cmd in cmd.items():
                 if sub_name:
                     _add_command(inner, sub_name, sub_cmd)

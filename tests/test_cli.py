@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,16 @@ def _command(argv: list[str]):
     return cmd[argv[1] if len(argv) > 1 else ""] if isinstance(cmd, dict) else cmd
 
 
+def _options(cls: type) -> list[dataclasses.Field]:
+    """The fields that are options: those of ``cls``, an option group's (a nested dataclass) flattened in."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        out += _options(tp) if isinstance(tp, type) and dataclasses.is_dataclass(tp) else [f]
+    return out
+
+
 def _words(text: str) -> str:
     return " ".join(text.split())
 
@@ -39,7 +50,7 @@ def test_help_shows_every_option_with_its_help_text(argv, capsys, monkeypatch):
     out = capsys.readouterr().out
     opts_cls, _ = _command(argv).load()
     assert "--threads" in out
-    for f in dataclasses.fields(opts_cls):
+    for f in _options(opts_cls):
         if f.metadata.get("cli") is False:
             continue
         name = f.name.upper() if f.metadata.get("positional") else flag(f.name)
