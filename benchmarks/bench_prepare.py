@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchio import write_json
 
-from statetune.data.prepare import PrepareOptions, prepare
+from statetune.commands.prepare import PrepareOptions, prepare
 from statetune.tokenizer import get_tokenizer
 
 WORDS = ("the of and to in is was for on that with as by it from at an be this which or are have has not but "

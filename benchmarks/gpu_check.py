@@ -232,7 +232,7 @@ def memory_full_vs_state(device: torch.device, shapes: dict[str, tuple[int, int]
 
 def cli_runs(device: torch.device, work: Path, steps: int) -> list[dict[str, Any]]:
     """Section 4: the commands a user runs, as subprocesses on the shipped tiny model."""
-    from statetune.demo import COMPLETION, PROMPT, asset
+    from statetune.commands.demo import COMPLETION, PROMPT, asset
 
     model = str(asset("tiny-rwkv7", "model.pth"))
     data = work / "e2e"

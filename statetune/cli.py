@@ -7,6 +7,7 @@ CLI does can also be driven from Python.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -19,6 +20,7 @@ from statetune.errors import USAGE, explain
 from statetune.interrupts import handle_sigterm, terminated
 from statetune.options import add_arguments, from_namespace
 
+THREADS_HELP = "CPU threads for torch (default: torch's)."
 DEBUG_HELP = "Show the full traceback of an error (also: environment STATETUNE_DEBUG=1)."
 BUG_REPORT = ("this is a bug in statetune {version}, not something you did wrong; please report it with the "
               "command you ran and the traceback above")
@@ -39,15 +41,23 @@ class Command:
 
 
 STATE_COMMANDS: dict[str, Command] = {
-    "info": Command("statetune.state_tools", "InfoOptions", "info", "Shapes, norms and metadata of a state."),
-    "convert": Command("statetune.state_tools", "ConvertOptions", "convert",
+    "info": Command("statetune.commands.state", "InfoOptions", "info", "Shapes, norms and metadata of a state."),
+    "convert": Command("statetune.commands.state", "ConvertOptions", "convert",
                        "Convert between statetune and the ecosystem's state formats."),
-    "merge": Command("statetune.state_tools", "MergeOptions", "merge",
+    "merge": Command("statetune.commands.state", "MergeOptions", "merge",
                      "Write a state into a copy of a model checkpoint (time_state keys)."),
-    "capture": Command("statetune.state_tools", "CaptureOptions", "capture",
+    "capture": Command("statetune.commands.state", "CaptureOptions", "capture",
                        "Save the state a prompt leaves behind, without training."),
-    "average": Command("statetune.state_tools", "AverageOptions", "average",
+    "average": Command("statetune.commands.state", "AverageOptions", "average",
                        "Interpolate states of the same model."),
+}
+
+#: A group's "" entry runs when no subcommand is named: ``statetune eval --model ...``, ``statetune eval plot RUN``.
+EVAL_COMMANDS: dict[str, Command] = {
+    "": Command("statetune.commands.eval", "EvalOptions", "evaluate",
+                "Task loss and generation metrics, base model and states side by side."),
+    "plot": Command("statetune.commands.eval", "PlotOptions", "plot",
+                    "Draw a training run's loss curves to RUN_DIR/curves.png."),
 }
 
 MODEL_COMMANDS: dict[str, Command] = {
@@ -56,23 +66,22 @@ MODEL_COMMANDS: dict[str, Command] = {
 }
 
 COMMANDS: dict[str, Command | dict[str, Command]] = {
-    "prepare": Command("statetune.data.prepare", "PrepareOptions", "prepare",
+    "prepare": Command("statetune.commands.prepare", "PrepareOptions", "prepare",
                        "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
     "train": Command("statetune.train.loop", "TrainOptions", "train",
                      "Train the initial state of a frozen RWKV model."),
-    "eval": Command("statetune.evaluate.command", "EvalOptions", "evaluate",
-                    "Task loss and generation metrics, base model and states side by side."),
-    "generate": Command("statetune.infer.generate", "GenerateOptions", "generate",
+    "eval": EVAL_COMMANDS,
+    "generate": Command("statetune.commands.generate", "GenerateOptions", "generate",
                         "Generate text from a model and a state, for one prompt or a file of records."),
-    "chat": Command("statetune.infer.chat", "ChatOptions", "chat",
+    "chat": Command("statetune.commands.chat", "ChatOptions", "chat",
                     "Chat with a model and a state, the conversation carried in the state."),
-    "serve": Command("statetune.serve.command", "ServeOptions", "serve",
+    "serve": Command("statetune.commands.serve", "ServeOptions", "serve",
                      "Serve a model and its states over an OpenAI-compatible HTTP API."),
     "state": STATE_COMMANDS,
     "model": MODEL_COMMANDS,
-    "demo": Command("statetune.demo", "DemoOptions", "demo",
+    "demo": Command("statetune.commands.demo", "DemoOptions", "demo",
                     "Tune a state on the shipped small model and show the gain."),
-    "smoke": Command("statetune.smoke", "SmokeOptions", "smoke",
+    "smoke": Command("statetune.commands.smoke", "SmokeOptions", "smoke",
                      "Build a tiny random RWKV-7, run it, and check sequence vs token-by-token."),
 }
 
@@ -85,29 +94,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         if isinstance(cmd, dict):
-            group = sub.add_parser(name, help=f"{name} tools: {', '.join(cmd)}.")
-            inner = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            default = cmd.get("")
+            if default is None:
+                group = sub.add_parser(name, help=f"{name} tools: {', '.join(cmd)}.")
+            else:
+                group = _add_command(sub, name, default)
+            inner = group.add_subparsers(dest="subcommand", required=default is None,
+                                         metavar="SUBCOMMAND" if default is None else "[SUBCOMMAND]")
             for sub_name, sub_cmd in cmd.items():
-                _add_command(inner, sub_name, sub_cmd)
+                if sub_name:
+                    _add_command(inner, sub_name, sub_cmd)
         else:
             _add_command(sub, name, cmd)
     return parser
 
 
-def _add_command(sub, name: str, cmd: Command) -> None:
+def _add_command(sub, name: str, cmd: Command) -> argparse.ArgumentParser:
     opts_cls, _ = cmd.load()
     p = sub.add_parser(name, help=cmd.summary, description=(opts_cls.__doc__ or cmd.summary).strip())
     p.add_argument("--config", help="TOML file of options; command-line flags override it.", default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+    if not _has_threads(opts_cls):  # commands that run a model have --threads in their runtime options
+        p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     add_arguments(p, opts_cls)
+    return p
+
+
+def _has_threads(opts_cls: type) -> bool:
+    return any(f.name == "threads" for f in dataclasses.fields(opts_cls))
 
 
 def resolve(ns: argparse.Namespace) -> tuple[str, Command]:
     """The command a parsed namespace names (``state info`` for groups)."""
     cmd = COMMANDS[ns.command]
     if isinstance(cmd, dict):
-        return f"{ns.command} {ns.subcommand}", cmd[ns.subcommand]
+        sub = getattr(ns, "subcommand", None) or ""
+        return f"{ns.command} {sub}".strip(), cmd[sub]
     return ns.command, cmd
 
 
@@ -122,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)  # a usage error here: argparse prints it and exits with status 2
     debug = ns.__dict__.pop("debug", False) or os.environ.get("STATETUNE_DEBUG", "") not in ("", "0")
-    threads = ns.__dict__.pop("threads", None)
     name, cmd = resolve(ns)
+    ns.__dict__.pop("subcommand", None)
+    opts_cls, fn = cmd.load()
+    threads = None if _has_threads(opts_cls) else ns.__dict__.pop("threads", None)
     if threads is not None:
         if threads < 1:
             print(f"statetune {name}: error: --threads: must be at least 1, got {threads}", file=sys.stderr)
@@ -131,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    ns.__dict__.pop("subcommand", None)
-    opts_cls, fn = cmd.load()
     restore = handle_sigterm()
     try:
         opts = from_namespace(opts_cls, ns, ns.config)

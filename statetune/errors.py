@@ -23,6 +23,20 @@ class DataError(StatetuneError):
     """A dataset record that is malformed; the message names the file, line and field."""
 
 
+class RecordError(DataError):
+    """A record that does not fit its format; ``field`` says which part (the caller adds file and line)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"field {field!r}: {detail}")
+        self.field = field
+        self.detail = detail
+
+    @property
+    def message(self) -> str:
+        """The message without the field when the problem is the whole record (bad JSON, wrong columns)."""
+        return self.detail if self.field == "record" else str(self)
+
+
 class OptionError(StatetuneError):
     """A command-line or config option with an invalid value; the message names the flag."""
 

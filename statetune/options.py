@@ -194,3 +194,8 @@ def _toml_value(v: Any) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{s}"'
+
+
+def h(text: str, **kw: Any) -> dict[str, Any]:
+    """A field's ``metadata``: its help text, plus ``positional=True``, ``metavar=...`` or ``cli=False``."""
+    return {"help": text, **kw}

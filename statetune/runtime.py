@@ -18,15 +18,12 @@ import torch
 from statetune.device import resolve_device
 from statetune.errors import OptionError, StatetuneError
 from statetune.model.state import RWKVState
+from statetune.options import h
 from statetune.tokenizer import Tokenizer
 
 log = logging.getLogger("statetune.runtime")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 TOKENIZERS = ("auto", "world", "bytes")
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -83,21 +80,48 @@ def prompt_state(model, ids: list[int], state: RWKVState | None = None) -> RWKVS
     return out
 
 
+MODEL_HELP = "Base model checkpoint (.pth or .safetensors, or a Hugging Face directory)."
+DEVICE_HELP = "Torch device (cpu, cuda, cuda:1)."
+STATE_HELP = "State file to start from (default: the state merged in the checkpoint, if any, else zeros)."
+
+
 @dataclass(kw_only=True)
 class ModelOptions:
-    """Where the model, the state and the tokenizer come from (shared by the commands that run a model)."""
+    """Where the model and the tokenizer come from and how the model runs (shared by every command that runs
+    a model: ``generate``, ``chat``, ``eval``, ``serve``, ``state capture``)."""
 
-    model: str = field(metadata=_h("Base model checkpoint (.pth or .safetensors)."))
-    state: str | None = field(default=None, metadata=_h(
-        "State file to start from (default: the state merged in the checkpoint, if any, else zeros)."))
-    tokenizer: str = field(default="auto", metadata=_h("world, bytes, or auto (the state's metadata, else the "
-                                                       "model's vocabulary size)."))
-    device: str = field(default="cpu", metadata=_h("Torch device (cpu, cuda, cuda:1)."))
-    dtype: str = field(default="auto", metadata=_h("fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on CUDA)."))
+    model: str = field(metadata=h(MODEL_HELP))
+    tokenizer: str = field(default="auto", metadata=h("world, bytes, or auto (the state's or dataset's metadata "
+                                                      "when there is one, else the model's vocabulary size)."))
+    device: str = field(default="cpu", metadata=h(DEVICE_HELP))
+    dtype: str = field(default="auto", metadata=h("fp32, bf16, fp16, or auto (fp32 on CPU, bf16 on CUDA)."))
+    threads: int | None = field(default=None, metadata=h("CPU threads for torch (default: torch's)."))
 
     def check_model_options(self) -> None:
+        """Usage errors naming the flag for a bad tokenizer, dtype or thread count."""
         check_choice("--tokenizer", self.tokenizer, TOKENIZERS)
         check_choice("--dtype", self.dtype, DTYPES)
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"--threads: must be at least 1, got {self.threads}")
+
+    def apply_threads(self) -> None:
+        """Set torch's CPU thread count when ``--threads`` was given."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def load_model(self):
+        """The model on ``--device`` in ``--dtype`` (after applying ``--threads``)."""
+        from statetune.model.checkpoint import load_model
+
+        self.apply_threads()
+        return load_model(self.model, device=resolve_device(self.device), dtype=resolve_dtype(self.dtype, self.device))
+
+
+@dataclass(kw_only=True)
+class StateOption:
+    """``--state``: the state a model starts from (``generate``, ``chat``)."""
+
+    state: str | None = field(default=None, metadata=h(STATE_HELP))
 
 
 @dataclass
@@ -110,22 +134,22 @@ class Runtime:
     metadata: dict[str, Any]
 
 
-def load_runtime(opts: ModelOptions) -> Runtime:
-    """Load the model, the state (file, else the checkpoint's merged state, else zeros) and the tokenizer."""
-    from statetune.model.checkpoint import load_model
+def load_runtime(opts: ModelOptions, state: str | None = None) -> Runtime:
+    """Load the model, the start state (``state`` file, else the checkpoint's merged state, else zeros) and the
+    tokenizer (the flag, else the state's metadata, else the vocabulary size)."""
     from statetune.tuning.statefile import load_state
 
-    model = load_model(opts.model, device=resolve_device(opts.device), dtype=resolve_dtype(opts.dtype, opts.device))
+    model = opts.load_model()
     meta: dict[str, Any] = {}
-    if opts.state is not None:
-        sf = load_state(opts.state, model)
-        state, meta = sf.state, sf.metadata
+    if state is not None:
+        sf = load_state(state, model)
+        start, meta = sf.state, sf.metadata
     elif model.default_state is not None:
-        state = model.default_state
+        start = model.default_state
     else:
-        state = model.zero_state(1)
+        start = model.zero_state(1)
     tokenizer = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
-    source = opts.state or ("the checkpoint's merged state" if model.default_state is not None else "zeros")
+    source = state or ("the checkpoint's merged state" if model.default_state is not None else "zeros")
     log.info("model %s (%s, %d layers), state %s, tokenizer %s", opts.model, model.config.version,
              model.config.n_layer, source, tokenizer.name)
-    return Runtime(model, tokenizer, state, meta)
+    return Runtime(model, tokenizer, start, meta)

@@ -10,8 +10,8 @@ import time
 import openai
 import state_compare
 
+from statetune.commands.serve import ServeOptions, bound_socket, build_service, make_server
 from statetune.model.state import RWKVState
-from statetune.serve.command import ServeOptions, bound_socket, build_service, make_server
 
 KEY = "test-key-123"
 

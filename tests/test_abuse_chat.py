@@ -10,9 +10,9 @@ from abuse import snapshot, unchanged
 
 import statetune
 from statetune.cli import main
-from statetune.data.formats import CHAT_END
 from statetune.infer.chat import ChatSession
 from statetune.infer.sampling import SamplingParams
+from statetune.prompts import CHAT_END
 from statetune.runtime import Runtime
 from statetune.tokenizer import get_tokenizer
 

@@ -118,7 +118,7 @@ def test_debug_shows_the_traceback_and_a_bug_asks_for_a_report(tmp_path, capsys,
     def broken(opts):
         return 1 // 0
 
-    monkeypatch.setattr("statetune.state_tools.info", broken)
+    monkeypatch.setattr("statetune.commands.state.info", broken)
     assert main(["state", "info", str(missing)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError" in err and "bug in statetune" in err and "report" in err

@@ -82,7 +82,7 @@ def test_serve_in_bf16_equals_generate_in_bf16(models, tmp_path, capsys):
     pytest.importorskip("fastapi")
     from serve_helpers import Running
 
-    from statetune.serve.command import ServeOptions
+    from statetune.commands.serve import ServeOptions
 
     states = tmp_path / "states"
     states.mkdir()

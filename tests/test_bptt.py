@@ -282,7 +282,7 @@ def test_sigkill_resume_is_bit_identical_with_full_bptt(long_task, tmp_path):
 
 @pytest.mark.slow
 def test_fifty_turn_chat_trains_on_every_assistant_turn(tiny_ckpt, tmp_path):
-    from statetune.data.prepare import PrepareOptions, prepare
+    from statetune.commands.prepare import PrepareOptions, prepare
 
     turns = []
     for i in range(50):

@@ -9,11 +9,11 @@ import torch
 
 import statetune
 from statetune.cli import main
-from statetune.data.formats import CHAT_END
 from statetune.infer.chat import ChatSession
 from statetune.infer.engine import prefill
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
+from statetune.prompts import CHAT_END
 from statetune.runtime import Runtime
 from statetune.tokenizer import get_tokenizer
 

@@ -1,35 +1,62 @@
-"""The CLI: the command table and the parser stay in sync, and every command answers --help."""
+"""The CLI: every command answers --help with every option and its help text, and errors are one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from statetune.cli import COMMANDS, build_parser, main
-
-
-def test_every_command_is_in_the_parser():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == set(COMMANDS)
+from statetune.cli import COMMANDS, main
+from statetune.options import flag
 
 
 def _all_commands() -> list[list[str]]:
     out = []
     for name, cmd in sorted(COMMANDS.items()):
-        out += [[name, sub] for sub in cmd] if isinstance(cmd, dict) else [[name]]
+        out += [[name, sub] if sub else [name] for sub in cmd] if isinstance(cmd, dict) else [[name]]
     return out
 
 
+def _command(argv: list[str]):
+    cmd = COMMANDS[argv[0]]
+    return cmd[argv[1] if len(argv) > 1 else ""] if isinstance(cmd, dict) else cmd
+
+
+def _options(cls: type) -> list[dataclasses.Field]:
+    """The fields that are options: those of ``cls``, an option group's (a nested dataclass) flattened in."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        out += _options(tp) if isinstance(tp, type) and dataclasses.is_dataclass(tp) else [f]
+    return out
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
 @pytest.mark.parametrize("argv", _all_commands(), ids=" ".join)
-def test_help(argv, capsys):
+def test_help_shows_every_option_with_its_help_text(argv, capsys, monkeypatch):
+    """Each field of the command's options dataclass appears in its --help as a flag, with its help text."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option, so that help texts are not wrapped
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])
     assert e.value.code == 0
-    assert "--threads" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    opts_cls, _ = _command(argv).load()
+    assert "--threads" in out
+    for f in _options(opts_cls):
+        if f.metadata.get("cli") is False:
+            continue
+        name = f.name.upper() if f.metadata.get("positional") else flag(f.name)
+        assert name in out, f"{' '.join(argv)} --help lacks {name}"
+        text = _words(f.metadata["help"]).replace("%%", "%")
+        assert text in _words(out), f"{' '.join(argv)} --help lacks the help of {name}: {text!r}"
 
 
 def test_smoke_runs(capsys):

@@ -6,7 +6,7 @@ import pytest
 
 import statetune
 from statetune.cli import main
-from statetune.demo import asset
+from statetune.commands.demo import asset
 
 
 def test_shipped_model_loads_and_is_byte_level():

@@ -24,6 +24,8 @@ def _parsers() -> dict[str, set[str]]:
     out = {}
     for name, parser in sub.choices.items():
         if isinstance(COMMANDS[name], dict):
+            if "" in COMMANDS[name]:  # a group that is also a command (``eval``, ``eval plot``)
+                out[name] = set(parser._option_string_actions)
             inner = next(a for a in parser._actions if a.dest == "subcommand")
             for sub_name, sub_parser in inner.choices.items():
                 out[f"{name} {sub_name}"] = set(sub_parser._option_string_actions)

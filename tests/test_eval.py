@@ -10,7 +10,7 @@ from train_data import record, write_task
 
 from statetune.cli import main
 from statetune.data.loader import TokenDataset
-from statetune.evaluate.command import prompts_and_references
+from statetune.evaluate.compare import prompts_and_references
 from statetune.evaluate.metrics import generation_scores
 from statetune.train.loop import TrainOptions, train
 
@@ -57,7 +57,7 @@ def test_generation_scores():
 
 def test_plot(trained):
     _, _, run = trained
-    assert main(["eval", "--plot", str(run)]) == 0
+    assert main(["eval", "plot", str(run)]) == 0
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -67,5 +67,5 @@ def test_errors(trained, tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["eval", "--model", str(model), "--data", str(va), "--state", str(tmp_path / "no.safetensors")]) == 1
     assert "no such state file" in capsys.readouterr().err
-    assert main(["eval", "--plot", str(tmp_path)]) == 1
+    assert main(["eval", "plot", str(tmp_path)]) == 1
     assert "metrics.jsonl" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def base(tmp_path_factory):
 def runtime_code(base):
     """The CLI's exit code for a runtime error (a missing or damaged file), read off a known one, so that the
     tests pin that train's and eval's runtime errors are classed like every other."""
-    code = main(["eval", "--plot", str(base["run"] / "nowhere")])
+    code = main(["eval", "plot", str(base["run"] / "nowhere")])
     assert code in (1, 2)
     return code
 

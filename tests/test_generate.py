@@ -11,9 +11,9 @@ from reference_rwkv import reference_model, to_reference_state
 
 import statetune
 from statetune.cli import main
+from statetune.commands.generate import GenerateOptions
 from statetune.errors import OptionError
 from statetune.infer.engine import Engine
-from statetune.infer.generate import GenerateOptions, Prompts
 from statetune.infer.sampling import RowSampler, SamplingError, SamplingParams, penalize, probabilities, sample
 from statetune.model.state import RWKVState
 from statetune.tokenizer import get_tokenizer
@@ -236,19 +236,19 @@ META = {"tokenizer": "bytes", "data_format": "template", "prompt_template": "Inp
 
 
 def test_prompt_templates():
-    p = Prompts(GenerateOptions(model="m", prompt="x"), META)
+    p = GenerateOptions(model="m", prompt="x").prompts(META)
     assert p.from_text("a b") == "Input: a b\n\nResponse:"
-    assert Prompts(GenerateOptions(model="m", prompt="x", raw=True), META).from_text("a b") == "a b"
-    own = Prompts(GenerateOptions(model="m", prompt="x", prompt_template=r"Q: {q}\nA:"), META)
+    assert GenerateOptions(model="m", prompt="x", raw=True).prompts(META).from_text("a b") == "a b"
+    own = GenerateOptions(model="m", prompt="x", prompt_template=r"Q: {q}\nA:").prompts(META)
     assert own.from_text("hi") == "Q: hi\nA:"
     instr = {"data_format": "instruction",
              "prompt_template": "Instruction: {instruction}\n\nInput: {input}\n\nResponse:",
              "prompt_template_no_input": "Instruction: {instruction}\n\nResponse:"}
-    p = Prompts(GenerateOptions(model="m", input="i", out="o"), instr)
+    p = GenerateOptions(model="m", input="i", out="o").prompts(instr)
     assert p.from_record({"instruction": "Add", "input": "1 2"}) == "Instruction: Add\n\nInput: 1 2\n\nResponse:"
     assert p.from_record({"instruction": "Add", "input": ""}) == "Instruction: Add\n\nResponse:"
-    assert Prompts(GenerateOptions(model="m", prompt="x"), instr).from_text("Hi") == "Instruction: Hi\n\nResponse:"
-    plain = Prompts(GenerateOptions(model="m", input="i", out="o"), {})
+    assert GenerateOptions(model="m", prompt="x").prompts(instr).from_text("Hi") == "Instruction: Hi\n\nResponse:"
+    plain = GenerateOptions(model="m", input="i", out="o").prompts({})
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\n there "},
             {"role": "assistant", "content": "Hello."}]
     assert plain.from_record({"messages": msgs}) == "System: Be brief.\n\nUser: Hi\n there\n\nAssistant:"

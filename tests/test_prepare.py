@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from statetune.cli import main
+from statetune.commands.prepare import PrepareOptions, prepare
 from statetune.data import prepare as prepare_mod
 from statetune.data.formats import Format, RecordEncoder
 from statetune.data.pipeline import in_val, mask_json
-from statetune.data.prepare import PrepareOptions, prepare
 from statetune.data.report import percentile
 from statetune.errors import DataError, OptionError
 from statetune.tokenizer import get_tokenizer

@@ -15,9 +15,9 @@ from serve_helpers import random_state
 
 import statetune
 from statetune.infer.engine import ERROR, Engine
-from statetune.infer.generate import chat_prompt
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
+from statetune.prompts import chat_prompt
 from statetune.serve.batcher import Batcher
 from statetune.serve.cache import PrefixCache, prefix_hashes, state_bytes
 from statetune.tokenizer import get_tokenizer

@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from serve_helpers import KEY, Running, random_state  # noqa: E402
 
 import statetune  # noqa: E402
-from statetune.serve.command import ServeOptions  # noqa: E402
+from statetune.commands.serve import ServeOptions  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from serve_helpers import KEY, Running, random_state, stream_text  # noqa: E402
 
 import statetune  # noqa: E402
+from statetune.commands.serve import ServeOptions  # noqa: E402
 from statetune.infer.engine import Engine  # noqa: E402
-from statetune.infer.generate import chat_prompt  # noqa: E402
 from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.model.state import RWKVState  # noqa: E402
-from statetune.serve.command import ServeOptions  # noqa: E402
+from statetune.prompts import chat_prompt  # noqa: E402
 from statetune.tokenizer import get_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow

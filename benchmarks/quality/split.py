@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from statetune.data.prepare import PrepareOptions, prepare
+from statetune.commands.prepare import PrepareOptions, prepare
 
 PROMPT = "Input: {mr}\n\nResponse:"
 COMPLETION = " {ref}"

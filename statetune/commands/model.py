@@ -8,13 +8,10 @@ from pathlib import Path
 
 from statetune.errors import OptionError
 from statetune.model.convert import LAYOUTS, convert_checkpoint
+from statetune.options import h
 
 DTYPES = ("keep", "fp32", "bf16", "fp16")
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 def parse_size(text: str, flag: str) -> int | None:
@@ -32,13 +29,13 @@ def parse_size(text: str, flag: str) -> int | None:
 class ModelConvertOptions:
     """Convert a model between the official layout (.pth/.safetensors file) and a Hugging Face directory."""
 
-    input: str = field(metadata=_h("Model to read: an official .pth/.safetensors file or an HF directory.",
+    input: str = field(metadata=h("Model to read: an official .pth/.safetensors file or an HF directory.",
                                    positional=True))
-    output: str = field(metadata=_h("Where to write: a file for --to pth, a new directory for --to hf.",
+    output: str = field(metadata=h("Where to write: a file for --to pth, a new directory for --to hf.",
                                     positional=True))
-    to: str = field(default="", metadata=_h(f"Output layout: {', '.join(LAYOUTS)} (default: the other one)."))
-    dtype: str = field(default="keep", metadata=_h(f"Weight dtype to write: {', '.join(DTYPES)}."))
-    max_shard_size: str = field(default="", metadata=_h("--to hf: split the weights into safetensors shards "
+    to: str = field(default="", metadata=h(f"Output layout: {', '.join(LAYOUTS)} (default: the other one)."))
+    dtype: str = field(default="keep", metadata=h(f"Weight dtype to write: {', '.join(DTYPES)}."))
+    max_shard_size: str = field(default="", metadata=h("--to hf: split the weights into safetensors shards "
                                                         "of at most this size (e.g. 5GB); default one file."))
 
     def __post_init__(self) -> None:

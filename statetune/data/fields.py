@@ -1,32 +1,18 @@
 """Reading one field of a record, and ``{field}`` templates: type checks with errors that name the field.
 
-``RecordError`` carries the field; whoever reads the file adds the file name and line to the message.
+``RecordError`` (from :mod:`statetune.errors`, so that prompt building below ``data`` can raise it too)
+carries the field; whoever reads the file adds the file name and line to the message.
 """
 
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from statetune.errors import DataError, OptionError
-
-
-class RecordError(DataError):
-    """A record that does not fit its format; ``field`` says which part (the caller adds file and line)."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"field {field!r}: {detail}")
-        self.field = field
-        self.detail = detail
-
-    @property
-    def message(self) -> str:
-        """The message without the field when the problem is the whole record (bad JSON, wrong columns)."""
-        return self.detail if self.field == "record" else str(self)
-
+from statetune.errors import RecordError
+from statetune.prompts import parse_template
 
 # -- templates ---------------------------------------------------------------------------------------------
 
@@ -47,17 +33,7 @@ class Template:
     parts: tuple[tuple[str, str | None], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        parts = []
-        try:
-            parsed = list(string.Formatter().parse(self.source))
-        except ValueError as e:
-            raise OptionError(f"{self.flag}: invalid template {self.source!r}: {e}") from None
-        for literal, name, spec, conversion in parsed:
-            if name is not None and (not name.isidentifier() or spec or conversion):
-                raise OptionError(f"{self.flag}: placeholder {{{name}{'!' + conversion if conversion else ''}"
-                                  f"{':' + spec if spec else ''}}} is not a plain {{field}} name")
-            parts.append((literal, name))
-        object.__setattr__(self, "parts", tuple(parts))
+        object.__setattr__(self, "parts", parse_template(self.source, self.flag))
 
     @property
     def fields(self) -> list[str]:

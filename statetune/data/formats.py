@@ -26,6 +26,16 @@ from statetune.data.fields import (
     unescape,
 )
 from statetune.errors import OptionError
+from statetune.prompts import (
+    ASSISTANT_PROMPT,
+    CHAT_END,
+    CHAT_ROLES,
+    INSTRUCTION_COMPLETION,
+    INSTRUCTION_PROMPT,
+    INSTRUCTION_PROMPT_NO_INPUT,
+    chat_turn,
+    normalize_chat,
+)
 from statetune.tokenizer import Tokenizer
 
 Piece = tuple[str, int] | tuple[list[int], list[int]]
@@ -44,13 +54,6 @@ class Format(enum.StrEnum):
     CHAT = "chat"
     TEMPLATE = "template"
 
-
-INSTRUCTION_PROMPT = "Instruction: {instruction}\n\nInput: {input}\n\nResponse:"
-INSTRUCTION_PROMPT_NO_INPUT = "Instruction: {instruction}\n\nResponse:"
-INSTRUCTION_COMPLETION = " {output}"
-CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-CHAT_END = "\n\n"
-CHAT_PROMPT = "User: {user}\n\nAssistant:"
 
 # -- one function per format -------------------------------------------------------------------------------
 
@@ -128,11 +131,6 @@ def instruction_pieces(record: Mapping[str, Any], ctx: FormatContext) -> list[Pi
     return _with_eos([(prompt, 0), (INSTRUCTION_COMPLETION.format(output=output), 1)], ctx)
 
 
-def normalize_chat(text: str) -> str:
-    """Chat content as RWKV chat models see it: stripped, with no blank line (``\\n\\n`` ends a turn)."""
-    return re.sub(r"\n{2,}", "\n", text.replace("\r\n", "\n")).strip()
-
-
 def chat_pieces(record: Mapping[str, Any], ctx: FormatContext) -> list[Piece]:
     """``{"messages": [{"role", "content"}...]}`` as ``User: …\\n\\nAssistant: …\\n\\n``.
 
@@ -161,12 +159,12 @@ def chat_pieces(record: Mapping[str, Any], ctx: FormatContext) -> list[Piece]:
         if role == "assistant":
             if not content:
                 raise RecordError(f"{where}.content", "empty text (only whitespace)")
-            prompt.append("Assistant:")
+            prompt.append(ASSISTANT_PROMPT)
             pieces.append(("".join(prompt), 0))
             pieces.extend(_with_eos([(f" {content}{CHAT_END}", 1)], ctx))
             prompt = []
         else:
-            prompt.append(f"{CHAT_ROLES[role]}: {content}{CHAT_END}")
+            prompt.append(chat_turn(role, content))
     if not pieces:
         raise RecordError("messages", "no assistant message: nothing to learn")
     if prompt:

@@ -1,4 +1,4 @@
-"""``statetune prepare``: tokenize JSONL/CSV datasets into the ``{"text": ids, "mask": 0/1}`` training files.
+"""Tokenizing JSONL/CSV datasets into the ``{"text": ids, "mask": 0/1}`` training files (``statetune prepare``).
 
 Inputs stream through in chunks (in worker processes on large inputs, results written back in order);
 everything goes to temporary files that replace ``OUT.jsonl``, ``OUT.val.jsonl`` and ``OUT.meta.json`` only
@@ -12,12 +12,12 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from statetune.data.fields import RecordError, Template, field_names, unescape
+from statetune.data.fields import RecordError, field_names
 from statetune.data.formats import DETECTABLE, Format, detect_format, resolve_eos
 from statetune.data.outputs import Outputs
 from statetune.data.pipeline import ChunkRunner, EncodeConfig, cpu_count
@@ -40,113 +40,56 @@ class TokenizerChoice(enum.StrEnum):
     BYTES = "bytes"
 
 
-@dataclass
-class PrepareOptions:
-    """Tokenize JSONL/CSV datasets into {"text": [ids], "mask": [0/1...]} lines for training.
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How records become training lines (templates already unescaped); see ``statetune prepare --help``."""
 
-    The format of each file is detected from its first record (text, tokenized, prompt/completion,
-    input/output, instruction, chat messages) or set with --format; --prompt-template and
-    --completion-template read any fields. See docs/prepare.md.
-    """
-
-    inputs: list[str] = field(metadata={"positional": True, "help": "JSONL, CSV or TSV files to tokenize."})
-    out: str = field(metadata={"help": "Output name: writes OUT.jsonl, OUT.meta.json (and OUT.val.jsonl)."})
-    format: Format = field(default=Format.AUTO, metadata={
-        "help": "Record format; auto detects it per file from the first valid record."})
-    tokenizer: TokenizerChoice = field(default=TokenizerChoice.AUTO, metadata={
-        "help": "Tokenizer; auto takes it from --model's vocabulary size, else world."})
-    model: str | None = field(default=None, metadata={
-        "help": "Model checkpoint (.pth/.safetensors) whose vocabulary picks the tokenizer."})
-    prompt_template: str | None = field(default=None, metadata={
-        "help": r"Prompt (no loss) from record fields, e.g. 'Input: {mr}\n\nResponse:' (\n is a newline)."})
-    completion_template: str | None = field(default=None, metadata={
-        "help": "Completion (loss) from record fields, e.g. ' {ref}'."})
-    eos: str | None = field(default=None, metadata={
-        "help": "Appended after each completion: none, a token id, or text. Default: 0 (end of text) for "
-                "completion formats, nothing for text and chat (turns end with a blank line)."})
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "Fraction of records for OUT.val.jsonl (deterministic by hash)."})
-    split_by: str | None = field(default=None, metadata={
-        "help": "Field whose value keeps records together on one side of the split."})
-    seed: int = field(default=0, metadata={"help": "Seed of the train/validation split."})
-    max_len: int | None = field(default=None, metadata={
-        "help": "Report records longer than this many tokens (they are kept whole, never truncated)."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Skip invalid records (counted and listed) instead of stopping at the first one."})
-    workers: int = field(default=0, metadata={
-        "help": "Tokenizing processes; 0 = one per CPU core on inputs over 8 MB, else 1."})
-
-    def __post_init__(self) -> None:
-        try:
-            self.format = Format(self.format)
-        except ValueError:
-            raise OptionError(f"--format: unknown format {self.format!r} "
-                              f"(choose from {', '.join(f.value for f in Format)})") from None
-        try:
-            self.tokenizer = TokenizerChoice(self.tokenizer)
-        except ValueError:
-            raise OptionError(f"--tokenizer: unknown tokenizer {self.tokenizer!r} "
-                              f"(choose from {', '.join(t.value for t in TokenizerChoice)})") from None
-        if not self.inputs:
-            raise OptionError("INPUTS: give at least one dataset file")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise OptionError(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
-        if self.split_by is not None and self.val_fraction == 0.0:
-            raise OptionError("--split-by: only meaningful with --val-fraction above 0")
-        if self.max_len is not None and self.max_len < 1:
-            raise OptionError(f"--max-len: must be at least 1, got {self.max_len}")
-        if self.workers < 0:
-            raise OptionError(f"--workers: must be 0 (auto) or more, got {self.workers}")
-        if self.prompt_template is not None or self.completion_template is not None:
-            if self.format not in (Format.AUTO, Format.TEMPLATE):
-                raise OptionError(f"--prompt-template/--completion-template: only with --format template, "
-                                  f"not {self.format.value}")
-            self.format = Format.TEMPLATE
-        if self.format is Format.TEMPLATE and self.completion_template is None:
-            raise OptionError("--completion-template: required with --format template or --prompt-template")
-        for value, flag in ((self.prompt_template, "--prompt-template"),
-                            (self.completion_template, "--completion-template")):
-            if value is not None:
-                Template(unescape(value), flag)
-
-    def output_paths(self) -> tuple[Path, Path | None, Path]:
-        """``OUT.jsonl``, ``OUT.val.jsonl`` (None without a split) and ``OUT.meta.json``."""
-        base = self.out[: -len(".jsonl")] if self.out.endswith(".jsonl") else self.out
-        val = Path(base + ".val.jsonl") if self.val_fraction > 0 else None
-        return Path(base + ".jsonl"), val, Path(base + ".meta.json")
+    format: Format = Format.AUTO
+    prompt_template: str | None = None
+    completion_template: str | None = None
+    eos: str | None = None
+    val_fraction: float = 0.0
+    split_by: str | None = None
+    seed: int = 0
+    max_len: int | None = None
+    skip_invalid: bool = False
+    workers: int = 0
 
 
-def prepare(opts: PrepareOptions) -> int:
-    """Tokenize ``opts.inputs`` into ``OUT.jsonl`` (+ ``OUT.val.jsonl``) and ``OUT.meta.json``; returns 0."""
-    start = time.perf_counter()
-    paths = [Path(p) for p in opts.inputs]
-    for p in paths:
+def check_paths(inputs: list[Path], outputs: tuple[Path, Path | None, Path]) -> None:
+    """Usage errors for a missing input, or an output that would overwrite an input."""
+    for p in inputs:
         if not p.is_file():
             raise OptionError(f"INPUTS: no such file: {p}")
-    train_path, val_path, meta_path = opts.output_paths()
-    for out in filter(None, (train_path, val_path, meta_path)):
-        if any(out.resolve() == p.resolve() for p in paths):
+    for out in filter(None, outputs):
+        if any(out.resolve() == p.resolve() for p in inputs):
             raise OptionError(f"--out: {out} is also an input; choose another output name")
-    tokenizer = resolve_tokenizer(opts.tokenizer, opts.model)
-    total_bytes = sum(p.stat().st_size for p in paths)
-    workers = opts.workers or (cpu_count() if total_bytes >= PARALLEL_MIN_BYTES else 1)
-    totals, reports = Totals(), [InputReport(str(p)) for p in paths]
-    outputs = {"train": str(train_path), "val": str(val_path) if val_path else None, "meta": str(meta_path)}
+
+
+def prepare_dataset(inputs: list[Path], outputs: tuple[Path, Path | None, Path], tokenizer: Tokenizer,
+                    settings: PrepareSettings) -> None:
+    """Tokenize ``inputs`` into ``outputs`` (train JSONL, validation JSONL or None, meta JSON), all replaced
+    together only when the whole run succeeded; prints the summary to stderr (call :func:`check_paths` first)."""
+    start = time.perf_counter()
+    train_path, val_path, meta_path = outputs
+    total_bytes = sum(p.stat().st_size for p in inputs)
+    workers = settings.workers or (cpu_count() if total_bytes >= PARALLEL_MIN_BYTES else 1)
+    totals, reports = Totals(), [InputReport(str(p)) for p in inputs]
+    paths = {"train": str(train_path), "val": str(val_path) if val_path else None, "meta": str(meta_path)}
     names = {"train": train_path.name, "val": val_path.name if val_path else None}
     with Outputs(train_path, val_path, meta_path) as files, ChunkRunner(workers) as runner, \
             _progress(total_bytes) as bar:
-        for path, report in zip(paths, reports, strict=True):
-            _prepare_file(path, opts, tokenizer, runner, files, totals, report, bar)
-        require_records(totals, paths, opts.val_fraction, opts.split_by)
+        for path, report in zip(inputs, reports, strict=True):
+            _prepare_file(path, settings, tokenizer, runner, files, totals, report, bar)
+        require_records(totals, inputs, settings.val_fraction, settings.split_by)
         meta = build_meta(
             tokenizer=tokenizer, inputs=reports, totals=totals, outputs=names,
-            prompt_template=_unescaped(opts.prompt_template),
-            completion_template=_unescaped(opts.completion_template), eos_option=opts.eos,
-            val_fraction=opts.val_fraction, split_by=opts.split_by, seed=opts.seed, max_len=opts.max_len)
+            prompt_template=settings.prompt_template, completion_template=settings.completion_template,
+            eos_option=settings.eos, val_fraction=settings.val_fraction, split_by=settings.split_by,
+            seed=settings.seed, max_len=settings.max_len)
         files.meta.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         files.commit()
-    print(summary(totals, outputs, opts.max_len, time.perf_counter() - start, total_bytes), file=sys.stderr)
-    return 0
+    print(summary(totals, paths, settings.max_len, time.perf_counter() - start, total_bytes), file=sys.stderr)
 
 
 def resolve_tokenizer(choice: TokenizerChoice | str, model: str | None) -> Tokenizer:
@@ -167,11 +110,7 @@ def resolve_tokenizer(choice: TokenizerChoice | str, model: str | None) -> Token
     return get_tokenizer(name)
 
 
-def _unescaped(template: str | None) -> str | None:
-    return None if template is None else unescape(template)
-
-
-def _prepare_file(path: Path, opts: PrepareOptions, tokenizer: Tokenizer, runner: ChunkRunner,
+def _prepare_file(path: Path, opts: PrepareSettings, tokenizer: Tokenizer, runner: ChunkRunner,
                   files: Outputs, totals: Totals, report: InputReport, bar: Any) -> None:
     """Detect the file's format (unless forced), then encode it chunk by chunk into the outputs."""
     items = read_items(path)
@@ -194,8 +133,8 @@ def _prepare_file(path: Path, opts: PrepareOptions, tokenizer: Tokenizer, runner
     report.format, report.eos, report.eos_text = fmt, eos, eos_text
     cfg = EncodeConfig(
         tokenizer=tokenizer.name, format=fmt, eos=tuple(eos),
-        prompt_template=_unescaped(opts.prompt_template),
-        completion_template=_unescaped(opts.completion_template), val_fraction=opts.val_fraction,
+        prompt_template=opts.prompt_template, completion_template=opts.completion_template,
+        val_fraction=opts.val_fraction,
         split_by=opts.split_by, seed=opts.seed, max_len=opts.max_len)
     counted = _Counted(items)
     for result in runner.map(cfg, _chunks(counted)):

@@ -12,18 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from statetune.data.fields import Template
-from statetune.data.formats import (
-    CHAT_END,
-    CHAT_PROMPT,
-    CHAT_ROLES,
-    INSTRUCTION_COMPLETION,
-    INSTRUCTION_PROMPT,
-    INSTRUCTION_PROMPT_NO_INPUT,
-    Format,
-)
+from statetune.data.formats import Format
 from statetune.data.pipeline import EXAMPLES, ChunkResult
 from statetune.errors import DataError
+from statetune.prompts import chat_stop, templates_for
 from statetune.tokenizer import Tokenizer
 
 META_SCHEMA = "statetune.prepare/1"
@@ -106,28 +98,6 @@ def length_stats(hist: Counter[int]) -> dict[str, int]:
             "max": max(hist, default=0)}
 
 
-def templates_for(fmt: Format | None, prompt_template: str | None,
-                  completion_template: str | None) -> dict[str, Any]:
-    """How a new input is wrapped for generation with data of format ``fmt`` (None for mixed formats)."""
-    none: dict[str, Any] = {"prompt_template": None, "prompt_template_no_input": None, "prompt_fields": [],
-                            "completion_template": None, "chat": None}
-    if fmt in (None, Format.TEXT, Format.TOKENIZED):
-        return none
-    prompt, completion, no_input, chat = {
-        Format.PROMPT_COMPLETION: ("{prompt}", "{completion}", None, None),
-        Format.INPUT_OUTPUT: ("{input}", "{output}", None, None),
-        Format.INSTRUCTION: (INSTRUCTION_PROMPT, INSTRUCTION_COMPLETION, INSTRUCTION_PROMPT_NO_INPUT, None),
-        Format.CHAT: (CHAT_PROMPT, " {assistant}" + CHAT_END, None, {
-            "turns": {role: f"{name}: {{content}}{CHAT_END}" for role, name in CHAT_ROLES.items()},
-            "assistant_prompt": "Assistant:", "turn_end": CHAT_END,
-            "normalize": "strip each content, turn \\r\\n into \\n, collapse blank lines into one \\n"}),
-        Format.TEMPLATE: (prompt_template or "", completion_template, None, None),
-    }[fmt]
-    return {"prompt_template": prompt, "prompt_template_no_input": no_input,
-            "prompt_fields": Template(prompt, "--prompt-template").fields,
-            "completion_template": completion, "chat": chat}
-
-
 def build_meta(*, tokenizer: Tokenizer, inputs: list[InputReport], totals: Totals,
                outputs: dict[str, str | None], prompt_template: str | None, completion_template: str | None,
                eos_option: str | None, val_fraction: float, split_by: str | None, seed: int,
@@ -141,7 +111,7 @@ def build_meta(*, tokenizer: Tokenizer, inputs: list[InputReport], totals: Total
     if eos is not None:
         stop = eos
     elif fmt is Format.CHAT:
-        stop = {"ids": tokenizer.encode(CHAT_END), "text": CHAT_END}
+        stop = chat_stop(tokenizer)
     else:
         stop = {"ids": [tokenizer.eot_id], "text": None}
     return {

@@ -13,7 +13,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run_dir)
     path = run / "metrics.jsonl"
     if not path.is_file():
-        raise StatetuneError(f"--plot: {run} has no metrics.jsonl (is it a `statetune train` run directory?)")
+        raise StatetuneError(f"RUN_DIR: {run} has no metrics.jsonl (is it a `statetune train` run directory?)")
     try:
         import matplotlib
 

@@ -1,4 +1,4 @@
-"""``statetune chat``: talk to a model in the RWKV World chat template, carrying the state across turns.
+"""A conversation with a model in the RWKV World chat format (``statetune chat``), the state carried across turns.
 
 The conversation lives in the recurrent state, never in a transcript: each turn reads only the new
 ``User: …\\n\\nAssistant:`` text, the reply is generated until ``\\n\\n``, and whatever part of the
@@ -11,39 +11,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from statetune.data.formats import CHAT_END, Format, normalize_chat
-from statetune.data.report import templates_for
 from statetune.errors import OptionError, StatetuneError, explain
 from statetune.infer.engine import Engine, prefill
-from statetune.infer.generate import stops
-from statetune.infer.sampling import MAX_SEED, SamplingOptions, SamplingParams
+from statetune.infer.sampling import MAX_SEED, SamplingParams
 from statetune.interrupts import terminated
 from statetune.model.state import RWKVState
-from statetune.runtime import ModelOptions, Runtime, load_runtime
+from statetune.prompts import CHAT_END, chat_stop, chat_turn, normalize_chat, templates_for, user_prompt
+from statetune.runtime import Runtime
 
-__all__ = ["ChatOptions", "ChatSession", "chat"]
+__all__ = ["ChatSession", "converse"]
 HELP = ("commands: /reset (start over), /save FILE (save the conversation state), /load FILE (continue from a "
         "state file), /quit; start a message with // to send a line beginning with /")
-
-
-@dataclass(kw_only=True)
-class ChatOptions(SamplingOptions, ModelOptions):
-    """Chat with a model in the RWKV World template (User: ... / Assistant: ...), the state carried across
-    turns. Reads one message per line from stdin (a terminal or a pipe); /help lists the commands."""
-
-    system: str | None = field(default=None, metadata={"help": "A system prompt read before the first turn."})
-    top_p: float = field(default=0.5, metadata={"help": "Nucleus sampling: keep the most likely tokens that "
-                                                        "cover this much probability (1 = off)."})
-    max_tokens: int = field(default=1024, metadata={"help": "Most tokens per reply."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_model_options()
-        if self.system is not None and not normalize_chat(self.system):
-            raise OptionError("--system: empty")
 
 
 class ChatSession:
@@ -55,7 +36,7 @@ class ChatSession:
         self.engine = Engine(self.model, self.tokenizer, max_batch_size=1)
         self.start = setup.state
         if system:
-            self.start = self.feed(f"System: {normalize_chat(system)}{CHAT_END}", self.start)
+            self.start = self.feed(chat_turn("system", system), self.start)
         self.state, self.turns = self.start, 0
 
     def feed(self, text: str, state: RWKVState) -> RWKVState:
@@ -66,7 +47,7 @@ class ChatSession:
     def reply(self, message: str, on_text: Callable[[str], None] = lambda _: None) -> str:
         """Answer one user message, streaming the reply's text to ``on_text``; returns the reply as generated
         (it usually begins with a space). On an interrupt the conversation stays as it was before the turn."""
-        prompt = f"User: {normalize_chat(message)}{CHAT_END}Assistant:"
+        prompt = user_prompt(message)
         params = self.params
         if params.seed is not None:  # a different (reproducible) draw for every turn
             params = replace(params, seed=(params.seed + self.turns) % (MAX_SEED + 1))
@@ -105,10 +86,8 @@ class ChatSession:
         from statetune.tuning.statefile import StateFile
 
         meta: dict[str, Any] = {k: v for k, v in self.setup.metadata.items() if k == "trained"}
-        meta.update(tokenizer=self.tokenizer.name, data_format=Format.CHAT.value,
-                    **templates_for(Format.CHAT, None, None), eos=None,
-                    stop={"ids": self.tokenizer.encode(CHAT_END), "text": CHAT_END},
-                    conversation={"turns": self.turns})
+        meta.update(tokenizer=self.tokenizer.name, data_format="chat", **templates_for("chat"), eos=None,
+                    stop=chat_stop(self.tokenizer), conversation={"turns": self.turns})
         write_as(StateFile(self.state, meta, has_shift=True), path, format_for(path, None, "/save"), self.model)
 
     def load(self, path: str) -> None:
@@ -147,13 +126,9 @@ def _read_line() -> str | None:
     return raw.decode("utf-8") if raw else None
 
 
-def chat(opts: ChatOptions) -> int:
-    """Run ``statetune chat`` until /quit or end of input; returns 1 if a command failed, else 0."""
-    setup = load_runtime(opts)
-    setup.model.use_decode_layout()  # one conversation: faster matrix-vector products on CPU
-    strings, ids = stops(opts, {}, setup.tokenizer)
-    params = opts.sampling_params(sorted({CHAT_END, *strings}), ids)
-    session = ChatSession(setup, params, opts.system)
+def converse(session: ChatSession) -> int:
+    """The turn loop over stdin (a terminal or a pipe) until /quit or end of input; returns 1 if a command or a
+    line failed, else 0."""
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP, file=sys.stderr)

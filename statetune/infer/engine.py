@@ -89,11 +89,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
+        """Sequences queued for a place in the batch (the server's queue-length metric)."""
         return len(self._waiting)
-
-    @property
-    def num_active(self) -> int:
-        return len(self._active)
 
     def __len__(self) -> int:
         """Unfinished sequences, queued or decoding."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from statetune.errors import OptionError
+from statetune.options import flag, h
 
 MAX_SEED = 2**63 - 1
 
@@ -182,30 +183,26 @@ def sample(logits: Tensor, rows: Sequence[RowSampler], vocab_size: int | None = 
     return out
 
 
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(kw_only=True)
 class SamplingOptions:
     """The sampling flags ``generate`` and ``chat`` share; checked by building a :class:`SamplingParams`."""
 
-    temperature: float = field(default=1.0, metadata=_h("Sampling temperature; 0 = greedy (always the most "
+    temperature: float = field(default=1.0, metadata=h("Sampling temperature; 0 = greedy (always the most "
                                                         "likely token)."))
-    top_p: float = field(default=0.85, metadata=_h("Nucleus sampling: keep the most likely tokens that cover "
+    top_p: float = field(default=0.85, metadata=h("Nucleus sampling: keep the most likely tokens that cover "
                                                    "this much probability (1 = off)."))
-    top_k: int = field(default=0, metadata=_h("Keep only the K most likely tokens (0 = off)."))
-    repetition_penalty: float = field(default=1.0, metadata=_h(
+    top_k: int = field(default=0, metadata=h("Keep only the K most likely tokens (0 = off)."))
+    repetition_penalty: float = field(default=1.0, metadata=h(
         "Divide the positive logits (multiply the negative ones) of tokens already generated (1 = off)."))
-    presence_penalty: float = field(default=0.0, metadata=_h("Subtract from the logit of every token already "
+    presence_penalty: float = field(default=0.0, metadata=h("Subtract from the logit of every token already "
                                                              "generated."))
-    frequency_penalty: float = field(default=0.0, metadata=_h("Subtract this times the number of times a token "
+    frequency_penalty: float = field(default=0.0, metadata=h("Subtract this times the number of times a token "
                                                               "was generated from its logit."))
-    max_tokens: int = field(default=256, metadata=_h("Most tokens to generate per answer."))
-    seed: int | None = field(default=None, metadata=_h("Random seed, for reproducible sampling."))
-    stop: list[str] | None = field(default=None, metadata=_h(
+    max_tokens: int = field(default=256, metadata=h("Most tokens to generate per answer."))
+    seed: int | None = field(default=None, metadata=h("Random seed, for reproducible sampling."))
+    stop: list[str] | None = field(default=None, metadata=h(
         r"Stop strings, e.g. --stop '\n\n' 'User:' (\n is a newline); the answer ends before them."))
-    stop_token: list[int] | None = field(default=None, metadata=_h("Stop token ids, e.g. --stop-token 0 261."))
+    stop_token: list[int] | None = field(default=None, metadata=h("Stop token ids, e.g. --stop-token 0 261."))
 
     def __post_init__(self) -> None:
         self.sampling_params(list(self.stop or []), list(self.stop_token or []))
@@ -217,8 +214,21 @@ class SamplingOptions:
                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, max_tokens=self.max_tokens,
-                seed=None if self.seed is None else (self.seed + seed_offset) % (MAX_SEED + 1),
+                seed=self._seed(seed_offset),
                 stop=stop, stop_token_ids=stop_ids)
         except SamplingError as e:
             name = {"stop_token_ids": "stop_token"}.get(e.field, e.field)
-            raise OptionError(f"--{name.replace('_', '-')}: {e.detail}, got {e.value!r}") from None
+            raise OptionError(f"{flag(name)}: {e.detail}, got {e.value!r}") from None
+
+    def _seed(self, offset: int) -> int | None:
+        """``--seed`` moved on by ``offset`` (wrapping round); an out-of-range seed is passed on as given, to
+        be refused (``--seed -1`` must not silently wrap to the largest seed)."""
+        if self.seed is None or not 0 <= self.seed <= MAX_SEED:
+            return self.seed
+        return (self.seed + offset) % (MAX_SEED + 1)
+
+    def stop_lists(self) -> tuple[list[str] | None, list[int] | None]:
+        """``--stop`` (escapes such as ``\\n`` turned into characters) and ``--stop-token``, None when not given."""
+        from statetune.data.fields import unescape
+
+        return (None if self.stop is None else [unescape(s) for s in self.stop]), self.stop_token

@@ -1,9 +1,10 @@
 """From a validated request to what the engine decodes: prompt token ids and :class:`SamplingParams`.
 
-Prompts are built with ``generate``'s helpers, so a server answers exactly as ``statetune generate`` does
-for the same state: a completion prompt is wrapped in the state's training template (unless ``"raw":
-true`` or the prompt is token ids) and stops at the state's stop metadata unless the request gives stops;
-a chat is ``System: …\\n\\nUser: …\\n\\nAssistant:`` (``chat_prompt``) and its reply ends at ``\\n\\n``.
+Prompts are built with :mod:`statetune.prompts`, as ``generate`` builds them, so a server answers exactly
+as ``statetune generate`` does for the same state: a completion prompt is wrapped in the state's training
+template (unless ``"raw": true`` or the prompt is token ids) and stops at the state's stop metadata unless
+the request gives stops; a chat is ``System: …\\n\\nUser: …\\n\\nAssistant:`` (``chat_prompt``) and its
+reply ends at ``\\n\\n``.
 Every problem is an :class:`ApiError` (400) naming the field.
 """
 
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from statetune.data.fields import RecordError
-from statetune.data.formats import CHAT_END
-from statetune.errors import OptionError
-from statetune.infer.generate import chat_prompt
+from statetune.errors import OptionError, RecordError
 from statetune.infer.sampling import SamplingError, SamplingParams
+from statetune.prompts import CHAT_END, chat_prompt
 from statetune.serve.errors import ApiError
 from statetune.serve.registry import Entry
 from statetune.serve.schemas import ChatRequest, CompletionRequest, _Sampling

@@ -21,12 +21,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from statetune.errors import StateFileError, StatetuneError
-from statetune.infer.generate import Prompts, stops
 from statetune.model.state import RWKVState
+from statetune.prompts import Prompts, stops
 from statetune.serve.index import index_pth, index_state, tokenizer_name
 from statetune.tokenizer import Tokenizer
 
@@ -85,8 +84,8 @@ class ReloadReport:
 
 def make_entry(name: str, meta: dict[str, Any], path: Path | None, tokenizer: Tokenizer, **kw: Any) -> Entry:
     """An :class:`Entry`, with the prompt template and default stops taken the way ``generate`` takes them."""
-    prompts = Prompts(SimpleNamespace(raw=False, prompt_field=None, prompt_template=None), meta)
-    strings, ids = stops(SimpleNamespace(stop=None, stop_token=None), meta, tokenizer)
+    prompts = Prompts(meta)
+    strings, ids = stops(meta, tokenizer)
     return Entry(name, f"{name}#{next(_serial)}", meta, path, prompts, strings, ids, **kw)
 
 

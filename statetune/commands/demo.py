@@ -14,6 +14,8 @@ from pathlib import Path
 
 from statetune.device import resolve_device
 from statetune.errors import OptionError, StatetuneError
+from statetune.options import flag, h
+from statetune.runtime import DEVICE_HELP
 
 PROMPT = "Input: {mr}\n\nResponse:"
 COMPLETION = " {ref}"
@@ -28,22 +30,21 @@ def asset(*parts: str) -> Path:
 class DemoOptions:
     """Tune a state on the shipped small RWKV-7 with E2E data and compare it with the untuned model."""
 
-    out: str = field(default="statetune-demo", metadata={"help": "Directory for data, run and state."})
-    model: str | None = field(default=None, metadata={"help": "Model checkpoint (default: the shipped one)."})
-    steps: int | None = field(default=None, metadata={"help": "Training steps (default: 120; 8 with --quick)."})
-    prompts: int | None = field(default=None, metadata={"help": "Held-out prompts scored with BLEU (default: "
-                                                                 "32; 4 with --quick)."})
-    lr: float = field(default=3.0, metadata={"help": "Peak learning rate of the state (default 3: for this "
-                                                     "small model, short runs want more than train's 1.0; "
-                                                     "see benchmarks/RESULTS.md)."})
-    quick: bool = field(default=False, metadata={"help": "A sub-minute smoke run."})
-    device: str = field(default="cpu", metadata={"help": "Torch device."})
+    out: str = field(default="statetune-demo", metadata=h("Directory for data, run and state."))
+    model: str | None = field(default=None, metadata=h("Model checkpoint (default: the shipped one)."))
+    steps: int | None = field(default=None, metadata=h("Training steps (default: 120; 8 with --quick)."))
+    prompts: int | None = field(default=None, metadata=h("Held-out prompts scored with BLEU (default: 32; 4 with "
+                                                         "--quick)."))
+    lr: float = field(default=3.0, metadata=h("Peak learning rate of the state (default 3: for this small model, "
+                                              "short runs want more than train's 1.0; see benchmarks/RESULTS.md)."))
+    quick: bool = field(default=False, metadata=h("A sub-minute smoke run."))
+    device: str = field(default="cpu", metadata=h(DEVICE_HELP))
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise OptionError(f"--{name}: must be at least 1, got {v}")
+                raise OptionError(f"{flag(name)}: must be at least 1, got {v}")
         if not self.lr > 0:
             raise OptionError(f"--lr: must be positive, got {self.lr}")
 
@@ -52,9 +53,9 @@ def demo(opts: DemoOptions) -> int:
     """Run the demo; returns 0."""
     from tqdm import tqdm
 
+    from statetune.commands.prepare import PrepareOptions, prepare
     from statetune.data.loader import TokenDataset
-    from statetune.data.prepare import PrepareOptions, prepare
-    from statetune.evaluate.command import prompts_and_references
+    from statetune.evaluate.compare import prompts_and_references
     from statetune.evaluate.generation import greedy_batch
     from statetune.evaluate.metrics import generation_scores
     from statetune.model.checkpoint import load_model

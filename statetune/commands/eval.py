@@ -1,0 +1,83 @@
+"""``statetune eval``: task loss and generation metrics, base model and states side by side; ``statetune eval
+plot RUN_DIR``: a run's loss curves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from statetune.errors import OptionError
+from statetune.options import flag, h
+from statetune.runtime import ModelOptions
+
+__all__ = ["EvalOptions", "PlotOptions", "evaluate", "plot"]
+
+
+@dataclass(kw_only=True)
+class EvalOptions(ModelOptions):
+    """Masked loss and perplexity (and, with --generate, BLEU/chrF/ROUGE-L) with and without states."""
+
+    data: str = field(metadata=h("Tokenized JSONL (from `statetune prepare`)."))
+    state: list[str] = field(default_factory=list, metadata=h("State files to compare with the base model."))
+    generate: bool = field(default=False, metadata=h("Also generate for each distinct prompt and score it."))
+    max_prompts: int | None = field(default=None, metadata=h("Generate for at most N distinct prompts."))
+    max_tokens: int = field(default=96, metadata=h("Longest generation."))
+    examples: int = field(default=3, metadata=h("Side-by-side examples in the report."))
+    batch_size: int = field(default=8, metadata=h("Sequences per batch for the loss."))
+    ctx_len: int = field(default=1024, metadata=h("Segment length for long sequences."))
+    out: str | None = field(default=None, metadata=h("Write OUT.md and OUT.json (default: print only)."))
+
+    def __post_init__(self) -> None:
+        self.check_model_options()
+        for name in ("batch_size", "ctx_len", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"{flag(name)}: must be at least 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise OptionError(f"--max-prompts: must be at least 1, got {self.max_prompts} (scores over no "
+                              f"prompts mean nothing; leave --generate off to skip generation)")
+        if self.examples < 0:
+            raise OptionError(f"--examples: must not be negative, got {self.examples}")
+
+
+def evaluate(opts: EvalOptions) -> int:
+    """Run the comparison; prints a Markdown table and writes OUT.md / OUT.json when --out is given."""
+    from statetune.data.loader import TokenDataset
+    from statetune.evaluate.compare import compare_states
+    from statetune.evaluate.report import markdown_report
+    from statetune.fileio import atomic_write
+    from statetune.runtime import dataset_meta, pick_tokenizer
+    from statetune.tuning.formats import read_any
+
+    model = opts.load_model()
+    data = TokenDataset(opts.data, model.config.vocab_size)
+    meta = dataset_meta(opts.data)
+    tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
+    stop = set((meta.get("stop") or {}).get("ids") or [tok.eot_id])
+    candidates = [("base (zero state)", None), *((Path(p).stem, read_any(p, model).state) for p in opts.state)]
+    result = compare_states(model, tok, data, candidates, stop, generate=opts.generate, max_prompts=opts.max_prompts,
+                            max_tokens=opts.max_tokens, examples=opts.examples, batch_size=opts.batch_size,
+                            ctx_len=opts.ctx_len)
+    report = {"model": Path(opts.model).name, "data": Path(opts.data).name, **result}
+    md = markdown_report(report)
+    print(md)
+    if opts.out:
+        atomic_write(opts.out + ".md", lambda tmp: Path(tmp).write_text(md))
+        atomic_write(opts.out + ".json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2,
+                                                                                     ensure_ascii=False)))
+    return 0
+
+
+@dataclass
+class PlotOptions:
+    """Draw a training run's loss curves (train, validation, zero-state baseline) to RUN_DIR/curves.png."""
+
+    run_dir: str = field(metadata=h("Run directory of `statetune train` (holds metrics.jsonl).", positional=True))
+
+
+def plot(opts: PlotOptions) -> int:
+    """Draw the curves and print where they went."""
+    from statetune.evaluate.plot import plot_run
+
+    print(plot_run(opts.run_dir))
+    return 0

@@ -1,0 +1,122 @@
+"""``statetune serve``: the options, and a thin start-up over :mod:`statetune.serve.startup`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from statetune.errors import OptionError
+from statetune.options import flag, h
+from statetune.runtime import ModelOptions
+from statetune.serve import startup
+from statetune.serve.startup import bound_socket
+
+if TYPE_CHECKING:
+    from statetune.serve.server import Server
+    from statetune.serve.service import Service
+
+__all__ = ["ServeOptions", "bound_socket", "build_service", "make_server", "serve"]
+log = logging.getLogger("statetune.serve")
+API_KEY_ENV = "STATETUNE_API_KEY"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(kw_only=True)
+class ServeOptions(ModelOptions):
+    """Serve a model and its tuned states over an OpenAI-compatible HTTP API (/v1/completions,
+    /v1/chat/completions, streaming too): a request picks its state with "model": "<state name>".
+    See docs/serve.md."""
+
+    states: str | None = field(default=None, metadata=h(
+        "Directory of state files: each NAME.safetensors is served as model NAME (POST /v1/states/reload "
+        "rescans it)."))
+    model_name: str | None = field(default=None, metadata=h(
+        "Name of the base model alone (default: the model file's stem)."))
+    host: str = field(default="127.0.0.1", metadata=h("Address to listen on (default: loopback only)."))
+    port: int = field(default=8000, metadata=h("Port to listen on (0: any free port)."))
+    api_key: str | None = field(default=None, metadata=h(
+        f"Require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else no key)."))
+    max_tokens_limit: int = field(default=1024, metadata=h(
+        "Most tokens one answer may generate; a request's max_tokens is capped to it (and defaults to it)."))
+    max_batch_size: int = field(default=32, metadata=h(
+        "Most sequences decoded together; further requests wait for a place."))
+    max_prompt_tokens: int = field(default=4096, metadata=h("Longest prompt accepted, in tokens."))
+    prefill_tokens: int = field(default=4096, metadata=h("Most tokens read in one prefill pass."))
+    grace_period: float = field(default=10.0, metadata=h(
+        "On shutdown, seconds requests in flight get to finish before they are cancelled."))
+    access_log: bool = field(default=False, metadata=h(
+        "Log every HTTP request as one JSON line (route, status, duration, tokens, cache, time to first token)."))
+    cache_mb: float = field(default=512.0, metadata=h(
+        "Memory for the prefix-state cache, in MiB (0: no cache): states after prompts and answers, so that a "
+        "request starting with a cached prefix (a chat's history) reads only the rest."))
+    cache_device: str | None = field(default=None, metadata=h(
+        "Where cached states are kept (default: the model's device; cpu keeps accelerator memory free)."))
+    max_loaded_states: int = field(default=64, metadata=h(
+        "Most state files held in memory at once (least recently used first out); the others are read on "
+        "first use."))
+    playground: bool | None = field(default=None, metadata=h(
+        "Serve the playground page at / (default: on when listening on loopback only)."))
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_limit", "max_batch_size", "max_prompt_tokens", "prefill_tokens",
+                     "max_loaded_states"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"{flag(name)}: must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise OptionError(f"--port: must be in 0..65535, got {self.port}")
+        if not math.isfinite(self.cache_mb) or self.cache_mb < 0:
+            raise OptionError(f"--cache-mb: must be a finite number, 0 or more, got {self.cache_mb}")
+        if not math.isfinite(self.grace_period):
+            raise OptionError(f"--grace-period: must be a finite number, got {self.grace_period}")
+        if self.grace_period < 0:
+            raise OptionError(f"--grace-period: must be 0 or more, got {self.grace_period}")
+        self.check_model_options()
+        if self.model_name is not None and not self.model_name.strip():
+            raise OptionError("--model-name: empty")
+        if self.states is not None and not Path(self.states).is_dir():
+            raise OptionError(f"--states: not a directory: {self.states}")
+
+    @property
+    def serves_playground(self) -> bool:
+        return self.host in LOOPBACK if self.playground is None else self.playground
+
+    @property
+    def base_name(self) -> str:
+        return self.model_name or Path(self.model).stem
+
+    def key(self) -> str | None:
+        """The API key: the flag, else the environment variable, else none."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def build_service(opts: ServeOptions) -> Service:
+    """The service these options describe (model loaded, states indexed), not started."""
+    return startup.build_service(opts, states=opts.states, base_name=opts.base_name,
+                                 max_loaded_states=opts.max_loaded_states, cache_mb=opts.cache_mb,
+                                 cache_device=opts.cache_device, max_batch_size=opts.max_batch_size,
+                                 prefill_tokens=opts.prefill_tokens, max_tokens_limit=opts.max_tokens_limit,
+                                 max_prompt_tokens=opts.max_prompt_tokens)
+
+
+def make_server(opts: ServeOptions, service: Service | None = None) -> Server:
+    """The uvicorn server for ``opts`` (building the service unless given)."""
+    return startup.make_server(service or build_service(opts), host=opts.host, port=opts.port, api_key=opts.key(),
+                               playground=opts.serves_playground, access_log=opts.access_log,
+                               grace_period=opts.grace_period)
+
+
+def serve(opts: ServeOptions) -> int:
+    """Run ``statetune serve`` until Ctrl-C or SIGTERM; returns the exit status."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise OptionError("statetune serve needs FastAPI and uvicorn: pip install 'statetune[serve]'") from None
+    if opts.host not in LOOPBACK and opts.key() is None:
+        log.warning("listening on %s without an API key: anyone who can reach this address can use the "
+                    "server (give --api-key or $%s)", opts.host, API_KEY_ENV)
+    return startup.run_server(make_server(opts), opts.host, opts.port)
