@@ -58,7 +58,7 @@ MODEL_COMMANDS: dict[str, Command] = {
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": Command("statetune.data.prepare", "PrepareOptions", "prepare",
                        "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
-    "train": Command("statetune.train.loop", "TrainOptions", "train",
+    "train": Command("statetune.commands.train", "TrainOptions", "train",
                      "Train the initial state of a frozen RWKV model."),
     "eval": Command("statetune.evaluate.command", "EvalOptions", "evaluate",
                     "Task loss and generation metrics, base model and states side by side."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import math
 import tomllib
 import types
@@ -40,35 +41,70 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of the dataclass ``cls``; positional fields have ``metadata["positional"]``."""
+def _group_type(tp: Any) -> type | None:
+    """The dataclass a field holds when it is an option group (a nested dataclass), else None."""
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def groups(cls: type) -> dict[str, type]:
+    """The option groups of ``cls``: field name -> the nested dataclass it holds (one level deep)."""
     hints = _field_types(cls)
+    return {f.name: g for f in dataclasses.fields(cls) if (g := _group_type(hints[f.name])) is not None}
+
+
+def leaves(cls: type) -> list[tuple[dataclasses.Field, Any, str | None]]:
+    """Every option of ``cls`` as ``(field, type, group)``, the fields of its groups flattened in place
+    (``group`` names the group, None at the top). Leaf names are the flags, so they must be unique."""
+    out, hints = [], _field_types(cls)
     for f in dataclasses.fields(cls):
+        group = _group_type(hints[f.name])
+        if group is None:
+            out.append((f, hints[f.name], None))
+        else:
+            inner = _field_types(group)
+            out.extend((g, inner[g.name], f.name) for g in dataclasses.fields(group))
+    names = [f.name for f, _, _ in out]
+    if len(names) != len(set(names)):
+        raise TypeError(f"{cls.__name__}: two options flatten to the same flag")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the dataclass ``cls`` (the fields of its option groups too, flat, under a
+    heading of their own in ``--help``); positional fields have ``metadata["positional"]``."""
+    headings: dict[str | None, Any] = {None: parser}
+    for name, group in groups(cls).items():
+        headings[name] = parser.add_argument_group(f"{name} options", (group.__doc__ or "").strip() or None)
+    for f, tp, group in leaves(cls):
         if f.metadata.get("cli") is False:
             continue
-        tp, _ = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name, "default": argparse.SUPPRESS}
-        origin = typing.get_origin(tp)
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="+" if origin is list else None, help=help_text,
-                                default=argparse.SUPPRESS, metavar=f.name.upper())
-            continue
-        if tp is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if origin is list:
-            (inner,) = typing.get_args(tp)
-            kwargs.update(nargs="+", type=inner)
-        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-            kwargs.update(choices=[m.value for m in tp])
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        elif tp is Path:
-            kwargs["type"] = str
-        if "metavar" in f.metadata:
-            kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(flag(f.name), **kwargs)
+        _add_flag(headings[group], f, tp)
+
+
+def _add_flag(parser: Any, f: dataclasses.Field, tp: Any) -> None:
+    tp, _ = _unwrap_optional(tp)
+    help_text = f.metadata.get("help", "")
+    kwargs: dict[str, Any] = {"help": help_text, "dest": f.name, "default": argparse.SUPPRESS}
+    origin = typing.get_origin(tp)
+    if f.metadata.get("positional"):
+        parser.add_argument(f.name, nargs="+" if origin is list else None, help=help_text,
+                            default=argparse.SUPPRESS, metavar=f.name.upper())
+        return
+    if tp is bool:
+        parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        kwargs.update(nargs="+", type=inner)
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        kwargs.update(choices=[m.value for m in tp])
+    elif tp in (int, float, str):
+        kwargs["type"] = tp
+    elif tp is Path:
+        kwargs["type"] = str
+    if "metavar" in f.metadata:
+        kwargs["metavar"] = f.metadata["metavar"]
+    parser.add_argument(flag(f.name), **kwargs)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
@@ -124,8 +160,10 @@ def _utf8(text: str) -> None:
         raise ValueError(f"not valid UTF-8 (byte {raw!r} at character {e.start})") from None
 
 
-def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a TOML config whose keys are field names (``_`` or ``-``); unknown keys are errors."""
+def load_toml(path: str | Path, cls: type, obsolete: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a TOML config into flat option values: keys are field names (``_`` or ``-``), a group's fields
+    either at the top or in a table named for the group (``[optim] lr = 0.5``); unknown keys are errors,
+    except top-level ``obsolete`` ones (written by older versions), which are dropped."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -138,29 +176,51 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         raise OptionError(f"--config: {p} is not valid TOML: not UTF-8 at byte {e.start}") from None
     except RecursionError:
         raise OptionError(f"--config: {p} is nested too deeply to read") from None
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
+    by_group: dict[str | None, set[str]] = {}
+    for f, _, group in leaves(cls):
+        by_group.setdefault(group, set()).add(f.name)
+    names = set().union(*by_group.values())
+    out: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.replace("-", "_")
-        if key not in names:
+        if key in by_group and key is not None and isinstance(v, dict):
+            for ik, iv in v.items():
+                inner = ik.replace("-", "_")
+                if inner not in by_group[key]:
+                    raise OptionError(f"--config: {p}: unknown option {k}.{ik!r} in table [{k}] (known: "
+                                      f"{', '.join(sorted(by_group[key]))})")
+                _put(out, inner, iv, p)
+        elif key in obsolete:
+            continue
+        elif key not in names:
             raise OptionError(f"--config: {p}: unknown option {k!r} (known: {', '.join(sorted(names))})")
-        out[key] = v
+        else:
+            _put(out, key, v, p)
     return out
 
 
+def _put(out: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    if key in out:
+        raise OptionError(f"--config: {path}: {key!r} is set twice (at the top and in its table)")
+    out[key] = value
+
+
 def build(cls: type[T], values: dict[str, Any]) -> T:
-    """Construct the dataclass from plain values, coercing types and naming the flag on error."""
-    hints = _field_types(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
+    """Construct the dataclass from flat plain values (a group's fields by their own names), coercing
+    types and naming the flag on error."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in groups(cls)}
+    missing = []
+    for f, tp, group in leaves(cls):
         if f.name in values:
-            kwargs[f.name] = _coerce(f.name, hints[f.name], values[f.name])
-    missing = [flag(f.name) for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+            (top if group is None else nested[group])[f.name] = _coerce(f.name, tp, values[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            missing.append(flag(f.name))
     if missing:
         raise OptionError(f"missing required option(s): {', '.join(missing)}")
-    return cls(**kwargs)
+    for name, group in groups(cls).items():
+        top[name] = group(**nested[name])
+    return cls(**top)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace, config: str | Path | None = None) -> T:
@@ -170,14 +230,54 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, config: str | Path | No
     return build(cls, values)
 
 
+def flatten(opts: Any) -> dict[str, Any]:
+    """The options as flat values, a group's fields by their own names (what :func:`build` takes)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(opts):
+        v = getattr(opts, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out.update({g.name: getattr(v, g.name) for g in dataclasses.fields(v)})
+        else:
+            out[f.name] = v
+    return out
+
+
+def accepts_flat(cls: type[T]) -> type[T]:
+    """Let a dataclass with option groups also be built from flat keywords: ``TrainConfig(lr=0.5)`` puts
+    ``lr`` into the group that owns it (on top of a group object given for that group, if any)."""
+    init = cls.__init__
+    owners = {f.name: (name, group) for name, group in groups(cls).items() for f in dataclasses.fields(group)}
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        picked: dict[str, dict[str, Any]] = {}
+        for key in [k for k in kwargs if k in owners]:
+            picked.setdefault(owners[key][0], {})[key] = kwargs.pop(key)
+        for name, values in picked.items():
+            given = kwargs.get(name)
+            group = owners[next(iter(values))][1]
+            kwargs[name] = dataclasses.replace(given, **values) if given is not None else group(**values)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
 def to_toml(opts: Any) -> str:
-    """Render options as TOML (None values omitted), for ``RUN_DIR/config.toml``."""
+    """Render options as TOML (None values omitted), for ``RUN_DIR/config.toml``.
+
+    Flat, each group's fields after a comment naming the group: any statetune reads it (flat keys have
+    always been accepted) and a line appended at the end stays a top-level key, not part of a table.
+    """
     lines = []
     for f in dataclasses.fields(opts):
         v = getattr(opts, f.name)
-        if v is None:
-            continue
-        lines.append(f"{f.name} = {_toml_value(v)}")
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            lines.append(f"# {f.name}")
+            lines.extend(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in dataclasses.fields(v)
+                         if getattr(v, g.name) is not None)
+        elif v is not None:
+            lines.append(f"{f.name} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
 
 
