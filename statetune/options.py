@@ -71,14 +71,23 @@ def leaves(cls: type) -> list[tuple[dataclasses.Field, Any, str | None]]:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of the dataclass ``cls`` (the fields of its option groups too, flat, under a
-    heading of their own in ``--help``); positional fields have ``metadata["positional"]``."""
+    heading of their own in ``--help``); positional fields have ``metadata["positional"]``, and top-level
+    fields with the same ``metadata["exclusive"]`` tag are mutually exclusive flags (argparse refuses both)."""
     headings: dict[str | None, Any] = {None: parser}
     for name, group in groups(cls).items():
         headings[name] = parser.add_argument_group(f"{name} options", (group.__doc__ or "").strip() or None)
-    for f, tp, group in leaves(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        _add_flag(headings[group], f, tp)
+    options = [(f, tp, group) for f, tp, group in leaves(cls) if f.metadata.get("cli") is not False]
+    done: set[str] = set()
+    for f, tp, group in options:
+        tag = f.metadata.get("exclusive") if group is None else None
+        if not tag:
+            _add_flag(headings[group], f, tp)
+        elif tag not in done:  # the whole set at the first one's place (usage lists them side by side)
+            done.add(tag)
+            mutex = parser.add_mutually_exclusive_group()
+            for g, g_tp, g_group in options:
+                if g_group is None and g.metadata.get("exclusive") == tag:
+                    _add_flag(mutex, g, g_tp)
 
 
 def _add_flag(parser: Any, f: dataclasses.Field, tp: Any) -> None:

@@ -21,11 +21,11 @@ def _h(text: str) -> dict:
 class TrainOptions(TrainConfig):
     """Train the initial state of a frozen RWKV model on a tokenized dataset (the output of prepare)."""
 
-    resume: str | None = field(default=None, metadata=_h("Continue the run in this directory from its newest "
-                                                         "intact checkpoint; its options come from its "
-                                                         "config.toml (only --max-steps, --epochs, --eval-every, "
-                                                         "--save-every and a few more may change; --model and "
-                                                         "the data files may name moved copies)."))
+    resume: str | None = field(default=None, metadata={**_h(
+        "Continue the run in this directory (instead of --out) from its newest intact checkpoint; its options "
+        "come from its config.toml (only --max-steps, --epochs, --eval-every, --save-every and a few more may "
+        "change). --model, --train-data and --val-data are then optional: give them only when the files "
+        "moved (their content is checked against the run's)."), "exclusive": "run"})
     overwrite: bool = field(default=False, metadata=_h("Start over in an --out folder that already holds a "
                                                        "run: its checkpoints, logs and states are deleted."))
 

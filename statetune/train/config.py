@@ -98,7 +98,8 @@ class TrainConfig:
 
     model: str | None = field(default=None, metadata=_h("Base model checkpoint (.pth or .safetensors)."))
     train_data: str | None = field(default=None, metadata=_h("Tokenized training JSONL (from `statetune prepare`)."))
-    out: str | None = field(default=None, metadata=_h("Run directory for states, checkpoints and logs."))
+    out: str | None = field(default=None, metadata={**_h("Run directory of a new run, for its states, "
+                                                          "checkpoints and logs."), "exclusive": "run"})
     val_data: str | None = field(default=None, metadata=_h("Tokenized validation JSONL (optional)."))
     tuning: StateTuningConfig = field(default_factory=StateTuningConfig)
     tokenizer: str = field(default="auto", metadata=_h("Tokenizer for --init-prompt and samples: world, "
