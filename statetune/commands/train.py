@@ -25,7 +25,7 @@ class TrainOptions(TrainConfig):
         "Continue the run in this directory (instead of --out) from its newest intact checkpoint; its options "
         "come from its config.toml (only --max-steps, --epochs, --eval-every, --save-every and a few more may "
         "change). --model, --train-data and --val-data are then optional: give them only when the files "
-        "moved (their content is checked against the run's)."), "exclusive": "run"})
+        "moved (their content is checked against the run's)."), "exclusive": "run", "metavar": "RUN"})
     overwrite: bool = field(default=False, metadata=_h("Start over in an --out folder that already holds a "
                                                        "run: its checkpoints, logs and states are deleted."))
 

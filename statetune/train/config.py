@@ -96,8 +96,10 @@ class CheckpointConfig:
 class TrainConfig:
     """One training run: the base model and data, where it goes, the batch shape and the option groups."""
 
-    model: str | None = field(default=None, metadata=_h("Base model checkpoint (.pth or .safetensors)."))
-    train_data: str | None = field(default=None, metadata=_h("Tokenized training JSONL (from `statetune prepare`)."))
+    model: str | None = field(default=None, metadata=_h("Base model checkpoint (.pth or .safetensors); "
+                                                        "required, except with --resume."))
+    train_data: str | None = field(default=None, metadata=_h("Tokenized training JSONL (from `statetune "
+                                                             "prepare`); required, except with --resume."))
     out: str | None = field(default=None, metadata={**_h("Run directory of a new run, for its states, "
                                                           "checkpoints and logs."), "exclusive": "run"})
     val_data: str | None = field(default=None, metadata=_h("Tokenized validation JSONL (optional)."))

@@ -40,33 +40,34 @@ log = logging.getLogger("statetune.train")
 class Run:
     """One training run: the frozen model, the trainable state, the optimizer and the bookkeeping."""
 
-    def __init__(self, opts: TrainConfig, d: Dist):
-        self.opts, self.d = opts, d
-        self.run_dir = Path(opts.out)
-        device = opts.device
+    def __init__(self, config: TrainConfig, d: Dist):
+        self.config, self.d = config, d
+        self.run_dir = Path(config.out)
+        device = config.device
         if device == "cuda" and d.world > 1:
             device = f"cuda:{d.local_rank}"
-        self.model = load_model(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+        self.model = load_model(config.model, device=device, dtype=resolve_dtype(config.dtype, device))
         vocab = self.model.config.vocab_size
-        self.train_data = TokenDataset(opts.train_data, vocab)
-        self.val_data = TokenDataset(opts.val_data, vocab) if opts.val_data else None
+        self.train_data = TokenDataset(config.train_data, vocab)
+        self.val_data = TokenDataset(config.val_data, vocab) if config.val_data else None
         for flag_name, data in (("--train-data", self.train_data), ("--val-data", self.val_data)):
             if data is not None and data.loss_tokens == 0:
                 raise DataError(f"{flag_name} {data.path}: no record has a loss token (every mask is 0 after "
                                 f"the first token), so there is nothing to learn from or measure")
-        self.fingerprint = rundir.data_fingerprint(opts)
-        self.meta = dataset_meta(opts.train_data)
-        self.tokenizer = pick_tokenizer(opts.tokenizer, self.meta, vocab)
-        self.tunable = TunableState(initial_state(opts.tuning, self.model, self.tokenizer), opts.tuning, opts.seed)
+        self.fingerprint = rundir.data_fingerprint(config)
+        self.meta = dataset_meta(config.train_data)
+        self.tokenizer = pick_tokenizer(config.tokenizer, self.meta, vocab)
+        start = initial_state(config.tuning, self.model, self.tokenizer)
+        self.tunable = TunableState(start, config.tuning, config.seed)
         self.tunable.to(self.model.device)
         groups = self.tunable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
-        optim = opts.optim
+        optim = config.optim
         self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                            weight_decay=optim.weight_decay)
-        self.global_size = opts.batch_size * opts.grad_accum * d.world
+        self.global_size = config.batch_size * config.grad_accum * d.world
         steps_per_epoch = math.ceil(len(self.train_data) / self.global_size)
-        self.total_steps = opts.schedule.max_steps or max(1, math.ceil(opts.schedule.epochs * steps_per_epoch))
+        self.total_steps = config.schedule.max_steps or max(1, math.ceil(config.schedule.epochs * steps_per_epoch))
         self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0
         self.best_val: float | None = None
         self.last_val: float | None = None
@@ -103,7 +104,7 @@ class Run:
 
     def checkpoint(self) -> None:
         if self.d.main:
-            save_checkpoint(self.run_dir, self.step, self.payload(), self.opts.checkpoint.keep_checkpoints)
+            save_checkpoint(self.run_dir, self.step, self.payload(), self.config.checkpoint.keep_checkpoints)
 
     def save_state_file(self, name: str, val_loss: float | None) -> None:
         if not self.d.main:
@@ -124,7 +125,7 @@ class Run:
         """How the state was made, for the state file's ``trained`` metadata (written as sorted JSON): the
         full tuning config, the optimiser and schedule, the batch shape, the data's fingerprint, the steps
         taken and the validation losses."""
-        o = self.opts
+        o = self.config
         return {"steps": self.step, "tokens": self.tokens_seen, "data": Path(o.train_data).name,
                 "data_fingerprint": self.fingerprint, "tuning": o.tuning.to_dict(),
                 "optim": dataclasses.asdict(o.optim), "schedule": dataclasses.asdict(o.schedule),
@@ -138,7 +139,7 @@ class Run:
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, batches: list[list[int]]) -> dict:
-        o, d, lengths = self.opts, self.d, self.train_data.lengths
+        o, d, lengths = self.config, self.d, self.train_data.lengths
         groups = micro_batches(batches[self.batch_in_epoch], lengths, o.batch_size, d.world, d.rank)
         examples = [[self.train_data[i] for i in g] for g in groups]
         count = torch.tensor([float(sum(sum(e.mask[1:]) for g in examples for e in g))])
@@ -172,7 +173,7 @@ class Run:
     # -- validation ----------------------------------------------------------------------------------------
     def validate(self, metrics: MetricsLog) -> bool:
         """Validate, keep the best state, log samples; True when early stopping says stop."""
-        o = self.opts
+        o = self.config
         res = dataset_loss(self.model, self.val_data, self.current_state(), o.batch_size, o.ctx_len,
                            o.eval.val_batches)
         if not math.isfinite(res.loss):
@@ -194,7 +195,7 @@ class Run:
 
     def log_samples(self, metrics: MetricsLog) -> None:
         for sample in sample_generations(self.model, self.tokenizer, self.val_data, self.current_state(),
-                                         self.opts.eval.samples):
+                                         self.config.eval.samples):
             metrics.log("sample", self.step, **sample)
 
 
@@ -217,8 +218,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         d.close()
 
 
-def _train(opts: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
-    run = Run(opts, d)
+def _train(config: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
+    run = Run(config, d)
     ck = load_latest(run.run_dir, set_aside=d.main) if resume else None
     if ck is not None:
         rundir.check_same_inputs(ck.payload, run.model.fingerprint(), run.fingerprint, ck.path)
@@ -230,29 +231,29 @@ def _train(opts: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
     elif d.main and overwrite:
         rundir.clear_run(run.run_dir)
     if d.main:
-        rundir.write_config(run.run_dir, opts)
+        rundir.write_config(run.run_dir, config)
     resume_step = (run.step if ck is not None else -1) if resume else None
     metrics = MetricsLog(run.run_dir, enabled=d.main, resume_step=resume_step)
     if d.main:
         log.info("training %d parameters (%s) for %d steps; %d records, global batch %d", run.tunable.n_trainable(),
-                 opts.tuning.param.value, run.total_steps, len(run.train_data), run.global_size)
+                 config.tuning.param.value, run.total_steps, len(run.train_data), run.global_size)
     if run.val_data is not None and run.baseline_val is None:
-        run.baseline_val = dataset_loss(run.model, run.val_data, None, opts.batch_size, opts.ctx_len,
-                                        opts.eval.val_batches).loss
+        run.baseline_val = dataset_loss(run.model, run.val_data, None, config.batch_size, config.ctx_len,
+                                        config.eval.val_batches).loss
         metrics.log("val", 0, loss=run.baseline_val, ppl=math.exp(min(run.baseline_val, 50)), loss_tokens=0,
                     baseline_loss=run.baseline_val, best=False)
 
     stop = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (opts.progress and d.main), unit="step",
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (config.progress and d.main), unit="step",
                dynamic_ncols=True)
-    batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
+    batches = global_batches(run.train_data.lengths, run.global_size, config.seed, run.epoch)
     early = False
     try:
         while run.step < run.total_steps and not early:
             if run.batch_in_epoch >= len(batches):
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-                batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
+                batches = global_batches(run.train_data.lengths, run.global_size, config.seed, run.epoch)
             t0 = time.perf_counter()
             hooks = guard.poison(run.params, run.step + 1)
             stats = run.train_step(batches)
@@ -266,9 +267,9 @@ def _train(opts: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens'] / max(run.elapsed, 1e-9):.0f}")
             done = run.step >= run.total_steps
-            if run.val_data is not None and (run.step % opts.eval.eval_every == 0 or done):
+            if run.val_data is not None and (run.step % config.eval.eval_every == 0 or done):
                 early = run.validate(metrics)
-            if run.step % opts.checkpoint.save_every == 0 or done or early:
+            if run.step % config.checkpoint.save_every == 0 or done or early:
                 run.checkpoint()
             guard.inject_signal(run.step)
             if stop["flag"]:
