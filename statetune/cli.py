@@ -68,7 +68,7 @@ MODEL_COMMANDS: dict[str, Command] = {
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": Command("statetune.commands.prepare", "PrepareOptions", "prepare",
                        "Tokenize JSONL/CSV datasets into {text: ids, mask} training files."),
-    "train": Command("statetune.train.loop", "TrainOptions", "train",
+    "train": Command("statetune.commands.train", "TrainOptions", "train",
                      "Train the initial state of a frozen RWKV model."),
     "eval": EVAL_COMMANDS,
     "generate": Command("statetune.commands.generate", "GenerateOptions", "generate",

@@ -17,12 +17,15 @@ backpropagates the first segment alone (later segments are counted in the loss b
 from __future__ import annotations
 
 import enum
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from statetune.data.loader import TokenDataset, collate
 from statetune.model.base import acc_dtype
 from statetune.model.state import RWKVState
 
@@ -90,6 +93,38 @@ def sequence_loss(model, tokens: Tensor, mask: Tensor, state: RWKVState | None,
         loss, n, state = masked_lm_loss(model, tokens[:, seg], mask[:, seg], state)
         total, count = total + float(loss), count + n
     return total, count
+
+
+@dataclass
+class LossResult:
+    """The mean loss per loss token of a dataset, and how many loss tokens it was measured on."""
+
+    loss: float
+    loss_tokens: int
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+@torch.no_grad()
+def dataset_loss(model, data: TokenDataset, state: RWKVState | None, batch_size: int = 8, ctx_len: int = 1024,
+                 max_batches: int | None = None) -> LossResult:
+    """Mean next-token loss over all mask-1 tokens of ``data``, starting each record from ``state``
+    (validation during training and ``statetune eval``).
+
+    Records are taken in length order (less padding); sequences longer than ``ctx_len`` run in segments
+    with the state carried, through the same segment loop as training.
+    """
+    order = sorted(range(len(data)), key=lambda i: int(data.lengths[i]))
+    total, count = 0.0, 0
+    for n, start in enumerate(range(0, len(order), batch_size)):
+        if max_batches is not None and n >= max_batches:
+            break
+        tokens, mask = collate([data[i] for i in order[start:start + batch_size]], model.device)
+        loss, k = sequence_loss(model, tokens, mask, state, ctx_len)
+        total, count = total + loss, count + k
+    return LossResult(total / max(count, 1), count)
 
 
 def backward_sequence(model, tokens: Tensor, mask: Tensor, state: RWKVState, ctx_len: int,

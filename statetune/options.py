@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from statetune.errors import OptionError
+from statetune.option_groups import accepts_flat, flatten, groups, leaves
+
+__all__ = ["accepts_flat", "add_arguments", "build", "flag", "flatten", "from_namespace", "load_toml", "to_toml"]
 
 T = TypeVar("T")
 
@@ -36,39 +39,51 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of the dataclass ``cls``; positional fields have ``metadata["positional"]``."""
-    hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        tp, _ = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name, "default": argparse.SUPPRESS}
-        origin = typing.get_origin(tp)
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="+" if origin is list else None, help=help_text,
-                                default=argparse.SUPPRESS, metavar=f.name.upper())
-            continue
-        if tp is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if origin is list:
-            (inner,) = typing.get_args(tp)
-            kwargs.update(nargs="+", type=inner)
-        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-            kwargs.update(choices=[m.value for m in tp])
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        elif tp is Path:
-            kwargs["type"] = str
-        if "metavar" in f.metadata:
-            kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(flag(f.name), **kwargs)
+    """Add one flag per field of the dataclass ``cls`` (the fields of its option groups too, flat, under a
+    heading of their own in ``--help``); positional fields have ``metadata["positional"]``, and top-level
+    fields with the same ``metadata["exclusive"]`` tag are mutually exclusive flags (argparse refuses both)."""
+    headings: dict[str | None, Any] = {None: parser}
+    for name, group in groups(cls).items():
+        headings[name] = parser.add_argument_group(f"{name} options", (group.__doc__ or "").strip() or None)
+    options = [(f, tp, group) for f, tp, group in leaves(cls) if f.metadata.get("cli") is not False]
+    done: set[str] = set()
+    for f, tp, group in options:
+        tag = f.metadata.get("exclusive") if group is None else None
+        if not tag:
+            _add_flag(headings[group], f, tp)
+        elif tag not in done:  # the whole set at the first one's place (usage lists them side by side)
+            done.add(tag)
+            mutex = parser.add_mutually_exclusive_group()
+            for g, g_tp, g_group in options:
+                if g_group is None and g.metadata.get("exclusive") == tag:
+                    _add_flag(mutex, g, g_tp)
+
+
+def _add_flag(parser: Any, f: dataclasses.Field, tp: Any) -> None:
+    tp, _ = _unwrap_optional(tp)
+    help_text = f.metadata.get("help", "")
+    kwargs: dict[str, Any] = {"help": help_text, "dest": f.name, "default": argparse.SUPPRESS}
+    origin = typing.get_origin(tp)
+    if f.metadata.get("positional"):
+        parser.add_argument(f.name, nargs="+" if origin is list else None, help=help_text,
+                            default=argparse.SUPPRESS, metavar=f.name.upper())
+        return
+    if tp is bool:
+        parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        kwargs.update(nargs="+", type=inner)
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        kwargs.update(choices=[m.value for m in tp])
+    elif tp in (int, float, str):
+        kwargs["type"] = tp
+    elif tp is Path:
+        kwargs["type"] = str
+    if "metavar" in f.metadata:
+        kwargs["metavar"] = f.metadata["metavar"]
+    parser.add_argument(flag(f.name), **kwargs)
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
@@ -124,8 +139,10 @@ def _utf8(text: str) -> None:
         raise ValueError(f"not valid UTF-8 (byte {raw!r} at character {e.start})") from None
 
 
-def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a TOML config whose keys are field names (``_`` or ``-``); unknown keys are errors."""
+def load_toml(path: str | Path, cls: type, obsolete: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a TOML config into flat option values: keys are field names (``_`` or ``-``), a group's fields
+    either at the top or in a table named for the group (``[optim] lr = 0.5``); unknown keys are errors,
+    except top-level ``obsolete`` ones (written by older versions), which are dropped."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -138,29 +155,51 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         raise OptionError(f"--config: {p} is not valid TOML: not UTF-8 at byte {e.start}") from None
     except RecursionError:
         raise OptionError(f"--config: {p} is nested too deeply to read") from None
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
+    by_group: dict[str | None, set[str]] = {}
+    for f, _, group in leaves(cls):
+        by_group.setdefault(group, set()).add(f.name)
+    names = set().union(*by_group.values())
+    out: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.replace("-", "_")
-        if key not in names:
+        if key in by_group and key is not None and isinstance(v, dict):
+            for ik, iv in v.items():
+                inner = ik.replace("-", "_")
+                if inner not in by_group[key]:
+                    raise OptionError(f"--config: {p}: unknown option {k}.{ik!r} in table [{k}] (known: "
+                                      f"{', '.join(sorted(by_group[key]))})")
+                _put(out, inner, iv, p)
+        elif key in obsolete:
+            continue
+        elif key not in names:
             raise OptionError(f"--config: {p}: unknown option {k!r} (known: {', '.join(sorted(names))})")
-        out[key] = v
+        else:
+            _put(out, key, v, p)
     return out
 
 
+def _put(out: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    if key in out:
+        raise OptionError(f"--config: {path}: {key!r} is set twice (at the top and in its table)")
+    out[key] = value
+
+
 def build(cls: type[T], values: dict[str, Any]) -> T:
-    """Construct the dataclass from plain values, coercing types and naming the flag on error."""
-    hints = _field_types(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
+    """Construct the dataclass from flat plain values (a group's fields by their own names), coercing
+    types and naming the flag on error."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in groups(cls)}
+    missing = []
+    for f, tp, group in leaves(cls):
         if f.name in values:
-            kwargs[f.name] = _coerce(f.name, hints[f.name], values[f.name])
-    missing = [flag(f.name) for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+            (top if group is None else nested[group])[f.name] = _coerce(f.name, tp, values[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            missing.append(flag(f.name))
     if missing:
         raise OptionError(f"missing required option(s): {', '.join(missing)}")
-    return cls(**kwargs)
+    for name, group in groups(cls).items():
+        top[name] = group(**nested[name])
+    return cls(**top)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace, config: str | Path | None = None) -> T:
@@ -171,13 +210,20 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, config: str | Path | No
 
 
 def to_toml(opts: Any) -> str:
-    """Render options as TOML (None values omitted), for ``RUN_DIR/config.toml``."""
+    """Render options as TOML (None values omitted), for ``RUN_DIR/config.toml``.
+
+    Flat, each group's fields after a comment naming the group: any statetune reads it (flat keys have
+    always been accepted) and a line appended at the end stays a top-level key, not part of a table.
+    """
     lines = []
     for f in dataclasses.fields(opts):
         v = getattr(opts, f.name)
-        if v is None:
-            continue
-        lines.append(f"{f.name} = {_toml_value(v)}")
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            lines.append(f"# {f.name}")
+            lines.extend(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in dataclasses.fields(v)
+                         if getattr(v, g.name) is not None)
+        elif v is not None:
+            lines.append(f"{f.name} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
 
 

@@ -14,9 +14,9 @@ from train_data import write_task
 
 import statetune
 from statetune.cli import main
+from statetune.commands.train import TrainOptions, train
 from statetune.data.loader import TokenDataset
 from statetune.evaluate.loss import dataset_loss
-from statetune.train.loop import TrainOptions, train
 
 LOGITS_REL, PROBS_ABS, PATHS_REL = 5e-2, 1e-2, 5e-3
 

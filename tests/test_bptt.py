@@ -22,8 +22,8 @@ from statetune.data.loader import TokenDataset, collate
 from statetune.model.state import RWKVState
 from statetune.objective import Bptt, backward_sequence, masked_lm_loss, segments, sequence_loss
 from statetune.train.metrics import read_metrics
-from statetune.train.options import TrainOptions
-from statetune.train.rundir import resumed_options
+from statetune.train.rundir import resumed_config
+from statetune.tuning.config import StateTuningConfig
 from statetune.tuning.tunable import TunableState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def random_tunable(model, tune_shift: bool, seed: int = 0) -> TunableState:
     """A trainable state away from zero (a zero WKV state hides terms of the gradient)."""
-    tunable = TunableState(model.zero_state(1), tune_shift=tune_shift)
+    tunable = TunableState(model.zero_state(1), StateTuningConfig(tune_shift=tune_shift))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in tunable.parameters():
@@ -99,7 +99,8 @@ def test_loss_tokens_in_the_last_segment_alone_reach_the_state(tiny_ckpt):
 
 def test_full_bptt_with_activation_checkpoint_and_an_encoder(tiny_ckpt):
     model = statetune.load_model(tiny_ckpt("rwkv7"))
-    tunable = TunableState(model.zero_state(1), param="encoder", enc_in=4, enc_hidden=8, seed=1)
+    tunable = TunableState(model.zero_state(1), StateTuningConfig(param="encoder", encoder_in=4, encoder_hidden=8),
+                           seed=1)
     with torch.no_grad():
         tunable.encoder.ln2_w.normal_()  # leave the zero start, so every encoder weight gets a gradient
     tokens, mask = batch([19, 19, 11], model.config.vocab_size, seed=3)
@@ -255,9 +256,9 @@ def test_bad_bptt_value_is_a_one_line_error(long_task, tmp_path, capsys):
 def test_a_run_from_before_bptt_resumes_truncated(long_task, tmp_path):
     model, data = long_task
     (tmp_path / "config.toml").write_text(f'model = "{model}"\ntrain_data = "{data}"\nctx_len = 64\n')
-    assert resumed_options(TrainOptions(resume=str(tmp_path))).bptt == Bptt.truncated
+    assert resumed_config(tmp_path, {}).bptt == Bptt.truncated
     (tmp_path / "config.toml").write_text(f'model = "{model}"\ntrain_data = "{data}"\nbptt = "full"\n')
-    assert resumed_options(TrainOptions(resume=str(tmp_path))).bptt == Bptt.full
+    assert resumed_config(tmp_path, {}).bptt == Bptt.full
 
 
 @pytest.mark.slow

@@ -9,10 +9,10 @@ from conftest import write_checkpoint
 from train_data import record, write_task
 
 from statetune.cli import main
+from statetune.commands.train import TrainOptions, train
 from statetune.data.loader import TokenDataset
 from statetune.evaluate.compare import prompts_and_references
 from statetune.evaluate.metrics import generation_scores
-from statetune.train.loop import TrainOptions, train
 
 
 @pytest.fixture(scope="module")

@@ -284,7 +284,6 @@ def test_overwrite_starts_over_and_keeps_other_files(base, run, capsys, caplog):
 
 @pytest.mark.parametrize("flags,match", [(["--lr", "0.5"], "--lr 0.5 differs from the run's lr = 1.0"),
                                          (["--batch-size", "4"], "--batch-size 4 differs"),
-                                         (["--out", "elsewhere"], "a resumed run stays in"),
                                          (["--overwrite"], "give one of them"),
                                          (["--max-steps", "3"], "the run would end at step 3, but")])
 def test_resume_with_contradicting_options_is_refused(run, capsys, caplog, flags, match):
@@ -294,6 +293,13 @@ def test_resume_with_contradicting_options_is_refused(run, capsys, caplog, flags
     if flags[0] not in ("--overwrite", "--max-steps"):
         assert "--max-steps" in err and "may change" in err  # the message lists what may change
     assert snapshot(run) == before
+
+
+def test_resume_and_out_are_exclusive_flags(run, capsys, caplog):
+    """A resumed run stays in its folder: argparse refuses --out beside --resume (a usage error, exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        cli(["train", "--resume", str(run), "--out", "elsewhere"], capsys, caplog)
+    assert e.value.code == USAGE and "not allowed with argument --resume" in capsys.readouterr().err
 
 
 def test_repeating_the_run_options_on_resume_is_fine(base, run, capsys, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -11,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_checkpoint
+from safetensors import safe_open
 from train_data import write_task
 
 import statetune
 from statetune.cli import main
-from statetune.train.loop import TrainOptions, train
+from statetune.commands.train import TrainOptions, train
 from statetune.train.metrics import read_metrics
+from statetune.tuning.config import StateTuningConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,12 +105,34 @@ def test_init_from_file_and_from_prompt(task, tmp_path):
 
 
 def test_long_sequences_are_cut_into_segments(task, tmp_path):
-    opts = run(task, tmp_path, max_steps=3, eval_every=3, ctx_len=5)
-    assert opts.ctx_len == 5
-    train_events = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["type"] == "train"]
-    full = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["type"] == "val"][-1]["loss_tokens"]
+    """A short --ctx-len cuts every record into segments with the state carried over: with full BPTT that
+    changes neither the loss nor the gradient, so both runs log the same losses and end at the same state."""
+    run(task, tmp_path / "whole", max_steps=3, eval_every=3)
+    run(task, tmp_path / "cut", max_steps=3, eval_every=3, ctx_len=5)
+    events = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("whole", "cut")}
+    train_loss = {name: [e["loss"] for e in ev if e["type"] == "train"] for name, ev in events.items()}
+    assert train_loss["cut"] == pytest.approx(train_loss["whole"], rel=1e-5)
+    assert val_losses(tmp_path / "cut") == pytest.approx(val_losses(tmp_path / "whole"), rel=1e-5)
+    full = [e for e in events["cut"] if e["type"] == "val"][-1]["loss_tokens"]
     assert full == 16 * 6  # every loss token of the validation set counted, none truncated
-    assert all(e["loss"] > 0 for e in train_events)
+    model = statetune.load_model(task[0])
+    whole, cut = (statetune.load_state(tmp_path / n / "state-final.safetensors", model).state for n in ("whole", "cut"))
+    torch.testing.assert_close(cut.wkv, whole.wkv, rtol=1e-4, atol=1e-5)
+
+
+def test_state_file_says_how_it_was_made(task, tmp_path):
+    """The state file's ``trained`` metadata holds the full tuning config (rebuilt equal), the optimiser and
+    schedule settings, the steps and the data's fingerprint, like PEFT's adapter_config.json."""
+    opts = run(task, tmp_path, max_steps=2, eval_every=2, param="encoder", encoder_in=4, encoder_hidden=8,
+               tune_shift=True, shift_lr_scale=0.5, init="prompt", init_prompt="Q: ", lr=0.5, warmup_steps=1)
+    trained = statetune.load_state(tmp_path / "state-final.safetensors").metadata["trained"]
+    assert StateTuningConfig.from_dict(trained["tuning"]) == opts.tuning
+    assert trained["tuning"]["encoder_hidden"] == 8 and trained["tuning"]["init_prompt"] == "Q: "
+    assert trained["optim"] == dataclasses.asdict(opts.optim) and trained["optim"]["lr"] == 0.5
+    assert trained["schedule"] == dataclasses.asdict(opts.schedule) and trained["steps"] == 2
+    assert trained["data_fingerprint"]["train"]["sha256"] == hashlib.sha256(task[1].read_bytes()).hexdigest()
+    raw = safe_open(str(tmp_path / "state-final.safetensors"), "pt").metadata()["trained"]
+    assert raw == json.dumps(json.loads(raw), sort_keys=True)  # sorted JSON, as the format promises
 
 
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from statetune.commands.train import TrainOptions, train
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
 from statetune.evaluate.loss import dataset_loss
 from statetune.model.checkpoint import load_model
 from statetune.model.state import RWKVState
 from statetune.objective import masked_lm_loss
-from statetune.train.loop import TrainOptions, train
 from statetune.train.metrics import read_metrics
 from statetune.train.schedule import lr_at
+from statetune.tuning.config import StateTuningConfig
 from statetune.tuning.statefile import load_state
 from statetune.tuning.tunable import TunableState
 
@@ -96,8 +97,8 @@ def _state_run(ctx: Context, b: Budget, lr: float, seed: int, tag: str, **opts) 
         curve[0] = (0, ctx.few_shot_val)
     best_file = run / "state-best.safetensors"
     state = load_state(best_file, ctx.model).state
-    probe = TunableState(ctx.model.zero_state(1), opts.get("param", "direct"), opts.get("tune_shift", False),
-                         opts.get("encoder_scope", "layer"))
+    method = {k: v for k, v in opts.items() if k in ("param", "tune_shift", "encoder_scope")}
+    probe = TunableState(ctx.model.zero_state(1), StateTuningConfig(**method))
     train_s = [e["elapsed_s"] for e in events if e["type"] == "train"][-1]  # training steps only, as below
     trained = Trained(trainable=probe.n_trainable(), stored_bytes=best_file.stat().st_size, stored_what="state file",
                       train_s=train_s, curve=curve, best_val=min(v for s, v in curve if s > 0), model=ctx.model,

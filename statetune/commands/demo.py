@@ -60,7 +60,8 @@ def demo(opts: DemoOptions) -> int:
     from statetune.evaluate.metrics import generation_scores
     from statetune.model.checkpoint import load_model
     from statetune.tokenizer import tokenizer_for_vocab
-    from statetune.train.loop import TrainOptions, train
+    from statetune.train.config import TrainConfig
+    from statetune.train.loop import train
     from statetune.train.metrics import read_metrics
     from statetune.tuning.statefile import load_state
 
@@ -86,7 +87,7 @@ def demo(opts: DemoOptions) -> int:
         import shutil
 
         shutil.rmtree(run)
-    train(TrainOptions(model=str(model_path), train_data=str(train_path), val_data=str(val_path), out=str(run),
+    train(TrainConfig(model=str(model_path), train_data=str(train_path), val_data=str(val_path), out=str(run),
                        max_steps=steps, batch_size=8, lr=opts.lr, lr_final=opts.lr / 100,
                        eval_every=max(1, steps // 3), save_every=steps, samples=0,
                        val_batches=4 if opts.quick else 12, warmup_steps=min(10, steps), device=opts.device))

@@ -1,7 +1,12 @@
-"""``statetune train``: state tuning of a frozen RWKV model, with validation, checkpoints and exact resume."""
+"""The training loop: state tuning of a frozen RWKV model, with validation, checkpoints and exact resume.
+
+:func:`train` runs a :class:`~statetune.train.config.TrainConfig` (fresh, or continued from the run folder's
+newest checkpoint); the ``train`` command (:mod:`statetune.commands.train`) turns flags into that config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -14,55 +19,55 @@ from tqdm import tqdm
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
 from statetune.device import resolve_device
 from statetune.errors import CheckpointError, DataError
-from statetune.evaluate.loss import dataset_loss
-from statetune.infer.greedy import greedy_continue
 from statetune.model.checkpoint import load_model
-from statetune.objective import backward_sequence
+from statetune.objective import backward_sequence, dataset_loss
 from statetune.runtime import dataset_meta, pick_tokenizer, resolve_dtype
 from statetune.train import guard, rundir
 from statetune.train.checkpoint import load_latest, save_checkpoint
+from statetune.train.config import TrainConfig
 from statetune.train.distributed import Dist, init_distributed
 from statetune.train.metrics import MetricsLog
-from statetune.train.options import TrainOptions
+from statetune.train.samples import sample_generations
 from statetune.train.schedule import lr_at
 from statetune.train.setup import initial_state
 from statetune.tuning.statefile import save_state
 from statetune.tuning.tunable import TunableState
 
-__all__ = ["TrainOptions", "train"]
+__all__ = ["TrainConfig", "train"]
 log = logging.getLogger("statetune.train")
 
 
 class Run:
     """One training run: the frozen model, the trainable state, the optimizer and the bookkeeping."""
 
-    def __init__(self, opts: TrainOptions, d: Dist):
-        self.opts, self.d = opts, d
-        self.run_dir = Path(opts.out)
-        device = opts.device
+    def __init__(self, config: TrainConfig, d: Dist):
+        self.config, self.d = config, d
+        self.run_dir = Path(config.out)
+        device = config.device
         if device == "cuda" and d.world > 1:
             device = f"cuda:{d.local_rank}"
-        self.model = load_model(opts.model, device=device, dtype=resolve_dtype(opts.dtype, device))
+        self.model = load_model(config.model, device=device, dtype=resolve_dtype(config.dtype, device))
         vocab = self.model.config.vocab_size
-        self.train_data = TokenDataset(opts.train_data, vocab)
-        self.val_data = TokenDataset(opts.val_data, vocab) if opts.val_data else None
+        self.train_data = TokenDataset(config.train_data, vocab)
+        self.val_data = TokenDataset(config.val_data, vocab) if config.val_data else None
         for flag_name, data in (("--train-data", self.train_data), ("--val-data", self.val_data)):
             if data is not None and data.loss_tokens == 0:
                 raise DataError(f"{flag_name} {data.path}: no record has a loss token (every mask is 0 after "
                                 f"the first token), so there is nothing to learn from or measure")
-        self.fingerprint = rundir.data_fingerprint(opts)
-        self.meta = dataset_meta(opts.train_data)
-        self.tokenizer = pick_tokenizer(opts.tokenizer, self.meta, vocab)
-        self.tunable = TunableState(initial_state(opts, self.model, self.tokenizer), opts.param, opts.tune_shift,
-                                    opts.encoder_scope, opts.encoder_in, opts.encoder_hidden, opts.seed)
+        self.fingerprint = rundir.data_fingerprint(config)
+        self.meta = dataset_meta(config.train_data)
+        self.tokenizer = pick_tokenizer(config.tokenizer, self.meta, vocab)
+        start = initial_state(config.tuning, self.model, self.tokenizer)
+        self.tunable = TunableState(start, config.tuning, config.seed)
         self.tunable.to(self.model.device)
-        groups = self.tunable.param_groups(opts.shift_lr_scale)
+        groups = self.tunable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2),
-                                           weight_decay=opts.weight_decay)
-        self.global_size = opts.batch_size * opts.grad_accum * d.world
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                           weight_decay=optim.weight_decay)
+        self.global_size = config.batch_size * config.grad_accum * d.world
         steps_per_epoch = math.ceil(len(self.train_data) / self.global_size)
-        self.total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+        self.total_steps = config.schedule.max_steps or max(1, math.ceil(config.schedule.epochs * steps_per_epoch))
         self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0
         self.best_val: float | None = None
         self.last_val: float | None = None
@@ -99,17 +104,12 @@ class Run:
 
     def checkpoint(self) -> None:
         if self.d.main:
-            save_checkpoint(self.run_dir, self.step, self.payload(), self.opts.keep_checkpoints)
+            save_checkpoint(self.run_dir, self.step, self.payload(), self.config.checkpoint.keep_checkpoints)
 
     def save_state_file(self, name: str, val_loss: float | None) -> None:
         if not self.d.main:
             return
-        o = self.opts
-        trained = {"steps": self.step, "tokens": self.tokens_seen, "data": Path(o.train_data).name,
-                   "param": o.param.value, "tune_shift": o.tune_shift, "init": o.init,
-                   "ctx_len": o.ctx_len, "bptt": o.bptt.value,
-                   "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
-        meta = {"tokenizer": self.tokenizer.name, "trained": trained}
+        meta = {"tokenizer": self.tokenizer.name, "trained": self.trained(val_loss)}
         if "format" in self.meta:  # the dataset's format; "format" itself is the state file's version marker
             meta["data_format"] = self.meta["format"]
         for key in ("prompt_template", "prompt_template_no_input", "prompt_fields", "completion_template",
@@ -121,13 +121,25 @@ class Run:
             raise guard.non_finite(self.run_dir, self.step, "the state to be saved has non-finite values")
         save_state(self.run_dir / name, state, self.model, meta, with_shift=self.tunable.has_shift)
 
+    def trained(self, val_loss: float | None) -> dict:
+        """How the state was made, for the state file's ``trained`` metadata (written as sorted JSON): the
+        full tuning config, the optimiser and schedule, the batch shape, the data's fingerprint, the steps
+        taken and the validation losses."""
+        o = self.config
+        return {"steps": self.step, "tokens": self.tokens_seen, "data": Path(o.train_data).name,
+                "data_fingerprint": self.fingerprint, "tuning": o.tuning.to_dict(),
+                "optim": dataclasses.asdict(o.optim), "schedule": dataclasses.asdict(o.schedule),
+                "batch_size": o.batch_size, "grad_accum": o.grad_accum, "world_size": self.d.world,
+                "ctx_len": o.ctx_len, "bptt": o.bptt.value, "seed": o.seed,
+                "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
+
     def current_state(self):
         with torch.no_grad():
             return self.tunable().detach()
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, batches: list[list[int]]) -> dict:
-        o, d, lengths = self.opts, self.d, self.train_data.lengths
+        o, d, lengths = self.config, self.d, self.train_data.lengths
         groups = micro_batches(batches[self.batch_in_epoch], lengths, o.batch_size, d.world, d.rank)
         examples = [[self.train_data[i] for i in g] for g in groups]
         count = torch.tensor([float(sum(sum(e.mask[1:]) for g in examples for e in g))])
@@ -145,8 +157,9 @@ class Run:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             d.all_reduce_sum(p.grad)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else math.inf))
-        lr = lr_at(self.step, self.total_steps, o.lr, o.lr_final, o.warmup_steps)
+        clip = o.optim.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+        lr = lr_at(self.step, self.total_steps, o.optim.lr, o.schedule.lr_final, o.schedule.warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # checkpoints from before lr_scale have one group
         self.optimizer.step()
@@ -160,8 +173,9 @@ class Run:
     # -- validation ----------------------------------------------------------------------------------------
     def validate(self, metrics: MetricsLog) -> bool:
         """Validate, keep the best state, log samples; True when early stopping says stop."""
-        o = self.opts
-        res = dataset_loss(self.model, self.val_data, self.current_state(), o.batch_size, o.ctx_len, o.val_batches)
+        o = self.config
+        res = dataset_loss(self.model, self.val_data, self.current_state(), o.batch_size, o.ctx_len,
+                           o.eval.val_batches)
         if not math.isfinite(res.loss):
             raise guard.non_finite(self.run_dir, self.step, f"the validation loss is {res.loss}")
         improved = self.best_val is None or res.loss < self.best_val
@@ -177,75 +191,69 @@ class Run:
                  self.baseline_val, " *best*" if improved else "")
         if self.d.main:
             self.log_samples(metrics)
-        return o.patience is not None and self.bad_evals >= o.patience
+        return o.eval.patience is not None and self.bad_evals >= o.eval.patience
 
     def log_samples(self, metrics: MetricsLog) -> None:
-        state = self.current_state()
-        for i in range(min(self.opts.samples, len(self.val_data))):
-            ex = self.val_data[i]
-            cut = next((j for j, m in enumerate(ex.mask) if m), len(ex.ids))
-            cut = max(1, cut)
-            prompt, ref = ex.ids[:cut], ex.ids[cut:]
-            out = greedy_continue(self.model, prompt, state, max_tokens=min(len(ref) + 16, 96),
-                                  stop_ids=(self.tokenizer.eot_id,), vocab_limit=self.tokenizer.vocab_size)
-            metrics.log("sample", self.step, prompt=self.tokenizer.decode(prompt),
-                        output=self.tokenizer.decode(out), reference=self.tokenizer.decode(ref))
+        for sample in sample_generations(self.model, self.tokenizer, self.val_data, self.current_state(),
+                                         self.config.eval.samples):
+            metrics.log("sample", self.step, **sample)
 
 
-def train(opts: TrainOptions) -> int:
-    """Train a state; writes ``state-final.safetensors`` (and ``state-best`` with validation) in ``--out``.
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
+    """Train a state; writes ``state-final.safetensors`` (and ``state-best`` with validation) in ``config.out``.
 
-    Returns 0 when training finished, 130 when interrupted (a checkpoint was saved; use ``--resume``).
-    A fresh run into a folder holding one is refused unless ``--overwrite``; see docs/training.md.
+    With ``resume`` the run continues from the newest intact checkpoint in ``config.out`` (``config`` is
+    then the run's own, see :func:`statetune.train.rundir.resumed_config`). A fresh run into a folder holding
+    one is refused unless ``overwrite``; see docs/training.md. Returns 0 when training finished, 130 when
+    interrupted (a checkpoint was saved: resume the run to continue).
     """
-    if opts.resume:
-        opts = rundir.resumed_options(opts)
-    else:
-        rundir.check_fresh(opts)
-    d = init_distributed(str(resolve_device(opts.device)))
-    torch.manual_seed(opts.seed)
+    config.check_inputs()
+    if not resume:
+        rundir.check_fresh(config, overwrite)
+    d = init_distributed(str(resolve_device(config.device)))
+    torch.manual_seed(config.seed)
     try:
-        return _train(opts, d)
+        return _train(config, d, resume, overwrite)
     finally:
         d.close()
 
 
-def _train(opts: TrainOptions, d: Dist) -> int:
-    run = Run(opts, d)
-    ck = load_latest(run.run_dir, set_aside=d.main) if opts.resume else None
+def _train(config: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
+    run = Run(config, d)
+    ck = load_latest(run.run_dir, set_aside=d.main) if resume else None
     if ck is not None:
         rundir.check_same_inputs(ck.payload, run.model.fingerprint(), run.fingerprint, ck.path)
         run.restore(ck.payload)
         rundir.check_length(run.step, run.total_steps, ck.path)
         log.info("resuming %s at step %d", run.run_dir, run.step)
-    elif opts.resume:
+    elif resume:
         log.warning("%s has no checkpoint: the run starts again from step 0", run.run_dir)
-    elif d.main and opts.overwrite:
+    elif d.main and overwrite:
         rundir.clear_run(run.run_dir)
     if d.main:
-        rundir.write_config(run.run_dir, opts)
-    resume_step = (run.step if ck is not None else -1) if opts.resume else None
+        rundir.write_config(run.run_dir, config)
+    resume_step = (run.step if ck is not None else -1) if resume else None
     metrics = MetricsLog(run.run_dir, enabled=d.main, resume_step=resume_step)
     if d.main:
         log.info("training %d parameters (%s) for %d steps; %d records, global batch %d", run.tunable.n_trainable(),
-                 opts.param.value, run.total_steps, len(run.train_data), run.global_size)
+                 config.tuning.param.value, run.total_steps, len(run.train_data), run.global_size)
     if run.val_data is not None and run.baseline_val is None:
-        run.baseline_val = dataset_loss(run.model, run.val_data, None, opts.batch_size, opts.ctx_len,
-                                        opts.val_batches).loss
+        run.baseline_val = dataset_loss(run.model, run.val_data, None, config.batch_size, config.ctx_len,
+                                        config.eval.val_batches).loss
         metrics.log("val", 0, loss=run.baseline_val, ppl=math.exp(min(run.baseline_val, 50)), loss_tokens=0,
                     baseline_loss=run.baseline_val, best=False)
 
     stop = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (opts.progress and d.main), unit="step",
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (config.progress and d.main), unit="step",
                dynamic_ncols=True)
-    batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
+    batches = global_batches(run.train_data.lengths, run.global_size, config.seed, run.epoch)
     early = False
     try:
         while run.step < run.total_steps and not early:
             if run.batch_in_epoch >= len(batches):
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-                batches = global_batches(run.train_data.lengths, run.global_size, opts.seed, run.epoch)
+                batches = global_batches(run.train_data.lengths, run.global_size, config.seed, run.epoch)
             t0 = time.perf_counter()
             hooks = guard.poison(run.params, run.step + 1)
             stats = run.train_step(batches)
@@ -259,9 +267,9 @@ def _train(opts: TrainOptions, d: Dist) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens'] / max(run.elapsed, 1e-9):.0f}")
             done = run.step >= run.total_steps
-            if run.val_data is not None and (run.step % opts.eval_every == 0 or done):
+            if run.val_data is not None and (run.step % config.eval.eval_every == 0 or done):
                 early = run.validate(metrics)
-            if run.step % opts.save_every == 0 or done or early:
+            if run.step % config.checkpoint.save_every == 0 or done or early:
                 run.checkpoint()
             guard.inject_signal(run.step)
             if stop["flag"]:

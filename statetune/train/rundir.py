@@ -1,14 +1,14 @@
 """What a run folder holds, and what may change when a run is continued.
 
 A run folder means one run: a fresh ``train`` into a folder that already holds one is refused (``--resume``
-continues it, ``--overwrite`` starts over), and ``--resume`` keeps the options in ``config.toml`` except the
-few in ``MAY_CHANGE``, which only say how long to train and how often to look. The data files may move but
+continues it, ``--overwrite`` starts over), and ``--resume`` keeps the options in ``config.toml`` (read by
+the same loader as ``--config``) except the few in ``MAY_CHANGE``, which only say how long to train and how
+often to look. The data files may move but
 not change: their size and SHA-256 are recorded in every checkpoint and compared on resume.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -16,8 +16,8 @@ from typing import Any
 
 from statetune.errors import DataError, OptionError, StatetuneError
 from statetune.fileio import atomic_write
-from statetune.options import build, flag, load_toml, to_toml
-from statetune.train.options import TrainOptions
+from statetune.options import build, flag, flatten, load_toml, to_toml
+from statetune.train.config import TrainConfig
 
 # Options that may differ from the run's config.toml on --resume (documented in docs/training.md).
 MAY_CHANGE = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "patience", "samples",
@@ -38,13 +38,13 @@ def holds_run(run_dir: Path) -> list[str]:
     return found
 
 
-def check_fresh(opts: TrainOptions) -> None:
-    """Refuse a fresh run into a folder that holds one, unless ``--overwrite``."""
-    run = Path(opts.out)
+def check_fresh(config: TrainConfig, overwrite: bool) -> None:
+    """Refuse a fresh run into a folder that holds one, unless ``overwrite``."""
+    run = Path(config.out)
     if run.exists() and not run.is_dir():
         raise OptionError(f"--out: {run} exists and is not a directory")
     found = holds_run(run) if run.is_dir() else []
-    if found and not opts.overwrite:
+    if found and not overwrite:
         raise OptionError(f"--out: {run} already holds a training run ({', '.join(found)}); continue it with "
                           f"--resume {run}, or start it over with --overwrite (deletes its checkpoints, logs "
                           f"and states)")
@@ -58,30 +58,29 @@ def clear_run(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def resumed_options(opts: TrainOptions) -> TrainOptions:
-    """The options of the run in ``--resume RUN_DIR`` (its config.toml, read as ``--config`` reads a file),
-    with the changes in ``MAY_CHANGE``/``MAY_MOVE`` taken from ``opts``; any other difference is refused."""
-    run = Path(opts.resume)
+def resumed_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
+    """The config of the run in ``run_dir`` (its config.toml, read as ``--config`` reads a file), with the
+    changes in ``MAY_CHANGE``/``MAY_MOVE`` taken from ``given`` (flat option values, see :func:`explicit`);
+    any other difference is refused."""
+    run = Path(run_dir)
     cfg = run / "config.toml"
     if not cfg.is_file():
         raise OptionError(f"--resume: {run} is not a run directory (no config.toml)")
-    if opts.overwrite:
-        raise OptionError("--overwrite starts a run over and --resume continues it: give one of them")
     try:
-        values = load_toml(cfg, TrainOptions)
+        values = load_toml(cfg, TrainConfig, obsolete=("overwrite",))
     except OptionError as e:
         raise _damaged(str(e).removeprefix("--config: ")) from None
     except UnicodeDecodeError as e:
         raise _damaged(f"{cfg}: not UTF-8 text (byte {e.start})") from None
-    values.update(out=str(run), resume=str(run), overwrite=False)
+    values["out"] = str(run)
     values.setdefault("bptt", "truncated")  # runs from before --bptt existed keep the objective they began with
     try:
-        saved = build(TrainOptions, values)
+        saved = build(TrainConfig, values)
     except OptionError as e:
         raise StatetuneError(f"--resume: {cfg} holds an invalid option: {e}") from None
-    given = _explicit(opts)
-    clash = [f"{flag(k)} {_show(v)} differs from the run's {k} = {_show(getattr(saved, k))}"
-             for k, v in given.items() if k not in MAY_CHANGE + MAY_MOVE + ("out",) and v != getattr(saved, k)]
+    saved_values = flatten(saved)
+    clash = [f"{flag(k)} {_show(v)} differs from the run's {k} = {_show(saved_values[k])}"
+             for k, v in given.items() if k not in MAY_CHANGE + MAY_MOVE + ("out",) and v != saved_values[k]]
     if "out" in given and Path(given["out"]).resolve() != run.resolve():
         clash.insert(0, f"--out {given['out']} (a resumed run stays in {run})")
     if clash:
@@ -90,7 +89,7 @@ def resumed_options(opts: TrainOptions) -> TrainOptions:
                           f"model and data files may move); start a new run to change the others, e.g. with "
                           f"--init {run / 'state-best.safetensors'}")
     changes = {k: v for k, v in given.items() if k in MAY_CHANGE + MAY_MOVE}
-    return dataclasses.replace(saved, **changes)
+    return build(TrainConfig, {**saved_values, **changes})
 
 
 def _damaged(detail: str) -> StatetuneError:
@@ -98,21 +97,22 @@ def _damaged(detail: str) -> StatetuneError:
                           f"options the run was started with) or start a new run")
 
 
-def _explicit(opts: TrainOptions) -> dict[str, Any]:
-    """The options set to something other than their default (those given on the command line or config)."""
-    default = TrainOptions(resume=opts.resume)
-    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
-            if f.name not in ("resume", "overwrite") and getattr(opts, f.name) != getattr(default, f.name)}
+def explicit(config: TrainConfig) -> dict[str, Any]:
+    """The options set to something other than their default (those given on the command line or config),
+    flat, as :func:`resumed_config` takes them."""
+    default = flatten(TrainConfig())
+    return {k: v for k, v in flatten(config).items() if v != default[k]}
 
 
 def _show(v: Any) -> str:
     return str(getattr(v, "value", v))
 
 
-def write_config(run_dir: Path, opts: TrainOptions) -> None:
-    """Write ``config.toml``: the run's options, without the switches that only say how it was launched.
-    An unchanged file is left untouched (a resume that changes nothing rewrites nothing)."""
-    text = to_toml(dataclasses.replace(opts, resume=None, overwrite=False))
+def write_config(run_dir: Path, config: TrainConfig) -> None:
+    """Write ``config.toml``: the run's config (the switches that only say how it was launched, such as
+    ``--overwrite``, are not part of it). An unchanged file is left untouched (a resume that changes nothing
+    rewrites nothing)."""
+    text = to_toml(config)
     path = run_dir / "config.toml"
     if path.is_file() and path.read_bytes() == text.encode():
         return
@@ -137,10 +137,10 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"file": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()}
 
 
-def data_fingerprint(opts: TrainOptions) -> dict[str, Any]:
-    """Fingerprints of the training (and validation) data, recorded in every checkpoint."""
-    return {"train": file_fingerprint(opts.train_data),
-            "val": file_fingerprint(opts.val_data) if opts.val_data else None}
+def data_fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """Fingerprints of the training (and validation) data, recorded in every checkpoint and state file."""
+    return {"train": file_fingerprint(config.train_data),
+            "val": file_fingerprint(config.val_data) if config.val_data else None}
 
 
 def check_same_inputs(payload: dict[str, Any], model_fingerprint: str, data: dict[str, Any], where: Path) -> None:

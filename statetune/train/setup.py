@@ -8,21 +8,21 @@ from pathlib import Path
 from statetune.errors import OptionError
 from statetune.model.state import RWKVState
 from statetune.runtime import prompt_state
-from statetune.train.options import TrainOptions
+from statetune.tuning.config import StateTuningConfig
 
 
-def initial_state(opts: TrainOptions, model, tokenizer) -> RWKVState:
-    """The state training starts from: zeros, a prompt's final state, or a state file."""
-    if opts.init == "zeros":
+def initial_state(tuning: StateTuningConfig, model, tokenizer) -> RWKVState:
+    """The state training starts from (``tuning.init``): zeros, a prompt's final state, or a state file."""
+    if tuning.init == "zeros":
         return model.zero_state(1)
-    if opts.init == "prompt":
-        ids = tokenizer.encode(opts.init_prompt)
+    if tuning.init == "prompt":
+        ids = tokenizer.encode(tuning.init_prompt)
         if not ids:
             raise OptionError("--init-prompt: the prompt tokenizes to nothing")
         return prompt_state(model, ids)
-    if Path(opts.init).is_file():
+    if Path(tuning.init).is_file():
         from statetune.tuning.statefile import load_state
 
-        return load_state(opts.init, model).state
-    raise OptionError(f"--init: expected zeros, prompt, or an existing state file; got {opts.init!r} "
+        return load_state(tuning.init, model).state
+    raise OptionError(f"--init: expected zeros, prompt, or an existing state file; got {tuning.init!r} "
                       f"(no such file)")

@@ -6,23 +6,12 @@ is what gets saved: inference never needs the encoder.
 
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from statetune.model.state import RWKVState
-
-
-class Param(enum.StrEnum):
-    direct = "direct"
-    encoder = "encoder"
-
-
-class Scope(enum.StrEnum):
-    layer = "layer"
-    glob = "global"
+from statetune.tuning.config import Param, Scope, StateTuningConfig
 
 
 class StateEncoder(nn.Module):
@@ -61,25 +50,26 @@ class StateEncoder(nn.Module):
 class TunableState(nn.Module):
     """The trainable initial state: ``base + delta`` where ``delta`` is direct tensors or an encoder.
 
-    ``base`` is the initialisation (zeros, a prompt's state, or a state file) and stays fixed. With
-    ``tune_shift`` the two token-shift vectors per layer are trained too (always directly).
+    ``base`` is the initialisation (zeros, a prompt's state, or a state file) and stays fixed; ``config``
+    says what is trained (default: the WKV state directly). With ``config.tune_shift`` the two token-shift
+    vectors per layer are trained too (always directly). ``seed`` draws the encoder's initial weights.
     """
 
-    def __init__(self, base: RWKVState, param: Param = Param.direct, tune_shift: bool = False,
-                 scope: Scope = Scope.layer, enc_in: int = 64, enc_hidden: int = 256, seed: int = 0):
+    def __init__(self, base: RWKVState, config: StateTuningConfig | None = None, seed: int = 0):
         super().__init__()
+        self.config = config = config or StateTuningConfig()
         base = base.detach()
         self.register_buffer("base_att", base.att_shift.clone().float())
         self.register_buffer("base_wkv", base.wkv.clone().float())
         self.register_buffer("base_ffn", base.ffn_shift.clone().float())
         L, _, H, N, _ = base.wkv.shape
-        self.param, self.tune_shift = Param(param), tune_shift
+        self.param, self.tune_shift = config.param, config.tune_shift
         if self.param == Param.direct:
             self.wkv = nn.Parameter(torch.zeros(L, 1, H, N, N))
         else:
             g = torch.Generator().manual_seed(seed)
-            self.encoder = StateEncoder(L, H, N, Scope(scope), enc_in, enc_hidden, g)
-        if tune_shift:
+            self.encoder = StateEncoder(L, H, N, config.encoder_scope, config.encoder_in, config.encoder_hidden, g)
+        if self.tune_shift:
             self.att_shift = nn.Parameter(torch.zeros_like(self.base_att))
             self.ffn_shift = nn.Parameter(torch.zeros_like(self.base_ffn))
 
@@ -95,13 +85,13 @@ class TunableState(nn.Module):
         """Whether the produced state has token-shift vectors worth saving."""
         return self.tune_shift or bool(self.base_att.any() or self.base_ffn.any())
 
-    def param_groups(self, shift_lr_scale: float = 1.0) -> list[dict]:
+    def param_groups(self) -> list[dict]:
         """Optimizer groups: the WKV state (or encoder) at the run's rate, then the token-shift vectors (when
-        trained) at ``shift_lr_scale`` times it; ``lr_scale`` is read by the training loop's schedule."""
+        trained) at ``config.shift_lr_scale`` times it; ``lr_scale`` is read by the training loop's schedule."""
         groups = [{"params": [self.wkv] if self.param == Param.direct else list(self.encoder.parameters()),
                    "lr_scale": 1.0}]
         if self.tune_shift:
-            groups.append({"params": [self.att_shift, self.ffn_shift], "lr_scale": shift_lr_scale})
+            groups.append({"params": [self.att_shift, self.ffn_shift], "lr_scale": self.config.shift_lr_scale})
         return groups
 
     def n_trainable(self) -> int:

@@ -1,0 +1,87 @@
+"""``StateTuningConfig``: how a state is tuned (what is trained, its sizes, where it starts), PEFT-style.
+
+The config travels with what it made: a run's ``config.toml`` holds it, and every state file the run writes
+records it (as sorted JSON in its ``trained`` metadata), so a state says exactly how it was made and
+:meth:`StateTuningConfig.from_dict` rebuilds an equal config from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from statetune.errors import OptionError
+
+
+class Param(enum.StrEnum):
+    """What the optimizer changes: the state tensors themselves, or an encoder that produces them."""
+
+    direct = "direct"
+    encoder = "encoder"
+
+
+class Scope(enum.StrEnum):
+    """One state encoder per layer, or one shared by all layers."""
+
+    layer = "layer"
+    glob = "global"
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+def _enum(cls: type[enum.Enum], name: str, value: Any) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise OptionError(f"--{name.replace('_', '-')}: invalid value {value!r} (choose from "
+                          f"{', '.join(m.value for m in cls)})") from None
+
+
+@dataclass
+class StateTuningConfig:
+    """The state-tuning method: parameterisation, encoder scope and sizes, token-shift states, initial state."""
+
+    param: Param = field(default=Param.direct, metadata=_h("What is trained: the state tensors themselves, "
+                                                          "or a per-layer state encoder that produces them."))
+    encoder_scope: Scope = field(default=Scope.layer, metadata=_h("One encoder per layer, or one shared."))
+    encoder_in: int = field(default=64, metadata=_h("Encoder: size of the learned input per head."))
+    encoder_hidden: int = field(default=256, metadata=_h("Encoder: hidden width."))
+    tune_shift: bool = field(default=False, metadata=_h("Also train the two token-shift states per layer."))
+    shift_lr_scale: float = field(default=1.0, metadata=_h("With --tune-shift: the token-shift states' learning "
+                                                           "rate as a fraction of the state's (they live at "
+                                                           "the scale of normalised activations, ~1)."))
+    init: str = field(default="zeros", metadata=_h("Initial state: zeros, prompt (see --init-prompt), or a "
+                                                   "state file to continue from."))
+    init_prompt: str | None = field(default=None, metadata=_h("Text whose final state initialises training "
+                                                              "(with --init prompt)."))
+
+    def __post_init__(self) -> None:
+        self.param = _enum(Param, "param", self.param)
+        self.encoder_scope = _enum(Scope, "encoder_scope", self.encoder_scope)
+        for name in ("encoder_in", "encoder_hidden"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if self.shift_lr_scale < 0:
+            raise OptionError(f"--shift-lr-scale: must not be negative, got {self.shift_lr_scale}")
+        if self.init == "prompt" and not self.init_prompt:
+            raise OptionError("--init prompt needs --init-prompt TEXT")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON values (enums by value), for metadata and ``config.toml``."""
+        return {f.name: getattr(getattr(self, f.name), "value", getattr(self, f.name))
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StateTuningConfig:
+        """The config a :meth:`to_dict` (e.g. a state file's ``trained["tuning"]``) describes; unknown keys
+        are refused by name, missing ones take their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise OptionError(f"unknown state-tuning setting(s) {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(sorted(names))})")
+        return cls(**values)
