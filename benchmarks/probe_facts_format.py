@@ -38,8 +38,8 @@ from quality import methods  # noqa: E402
 from quality.curves_report import write_section  # noqa: E402
 from quality.split import COMPLETION, PROMPT, read_csv, split_by_mr  # noqa: E402
 
+from statetune.commands.prepare import PrepareOptions, prepare  # noqa: E402
 from statetune.data.loader import TokenDataset  # noqa: E402
-from statetune.data.prepare import PrepareOptions, prepare  # noqa: E402
 from statetune.evaluate.generation import greedy_batch  # noqa: E402
 from statetune.evaluate.loss import dataset_loss  # noqa: E402
 from statetune.evaluate.metrics import generation_scores  # noqa: E402

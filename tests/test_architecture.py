@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "statetune"
 COMMAND_MODULES = ("statetune.cli", "statetune.__main__", "statetune.commands")
 
@@ -46,9 +44,6 @@ def test_the_library_never_imports_a_command():
     assert not wrong, "library modules import command modules:\n" + "\n".join(wrong)
 
 
-@pytest.mark.xfail(strict=True, reason="known cycles (train <-> infer, train -> evaluate -> infer -> train) until the "
-                   "redesign moves the shared helpers below them; strict, so fixing them makes this fail until the "
-                   "marker goes")
 def test_no_cycle_between_packages():
     graph: dict[str, set[str]] = {}
     for m, imps in _imports().items():
