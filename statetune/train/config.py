@@ -127,9 +127,12 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_h("Torch device (cpu, cuda, cuda:1)."))
     dtype: str = field(default="auto", metadata=_h("Compute dtype: fp32, bf16, or auto (fp32 on CPU, "
                                                    "bf16 on CUDA)."))
+    threads: int | None = field(default=None, metadata=_h("CPU threads for torch (default: torch's)."))
     progress: bool = field(default=True, metadata=_h("Show a progress bar."))
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"--threads: must be at least 1, got {self.threads}")
         try:
             self.bptt = Bptt(self.bptt)
         except ValueError:

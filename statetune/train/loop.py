@@ -210,6 +210,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     config.check_inputs()
     if not resume:
         rundir.check_fresh(config, overwrite)
+    if config.threads is not None:  # a field, so --config and the Python API can set it too
+        torch.set_num_threads(config.threads)
     d = init_distributed(str(resolve_device(config.device)))
     torch.manual_seed(config.seed)
     try:

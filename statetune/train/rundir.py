@@ -21,7 +21,7 @@ from statetune.train.config import TrainConfig
 
 # Options that may differ from the run's config.toml on --resume (documented in docs/training.md).
 MAY_CHANGE = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "patience", "samples",
-              "progress", "device", "activation_checkpoint")
+              "progress", "device", "activation_checkpoint", "threads")
 # May point elsewhere on --resume, as long as the content is the same (checked against the checkpoint).
 MAY_MOVE = ("model", "train_data", "val_data")
 # What a run writes into its folder; --overwrite removes exactly these, nothing else.
