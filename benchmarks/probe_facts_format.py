@@ -41,10 +41,10 @@ from quality.split import COMPLETION, PROMPT, read_csv, split_by_mr  # noqa: E40
 from statetune.commands.prepare import PrepareOptions, prepare  # noqa: E402
 from statetune.data.loader import TokenDataset  # noqa: E402
 from statetune.evaluate.generation import greedy_batch  # noqa: E402
-from statetune.evaluate.loss import dataset_loss  # noqa: E402
 from statetune.evaluate.metrics import generation_scores  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
 from statetune.model.state import RWKVState  # noqa: E402
+from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import tokenizer_for_vocab  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

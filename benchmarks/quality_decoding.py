@@ -35,11 +35,11 @@ from quality import methods, split  # noqa: E402
 from quality.curves_report import write_section  # noqa: E402
 
 from statetune.data.loader import TokenDataset  # noqa: E402
-from statetune.evaluate.loss import dataset_loss  # noqa: E402
 from statetune.evaluate.metrics import generation_scores  # noqa: E402
 from statetune.infer.engine import Engine  # noqa: E402
 from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
+from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import tokenizer_for_vocab  # noqa: E402
 from statetune.tuning.statefile import load_state  # noqa: E402
 

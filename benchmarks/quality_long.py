@@ -33,8 +33,8 @@ from quality.split import read_csv, split_by_mr  # noqa: E402
 
 from statetune.commands.train import TrainOptions, train  # noqa: E402
 from statetune.data.loader import TokenDataset  # noqa: E402
-from statetune.evaluate.loss import dataset_loss  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
+from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import get_tokenizer  # noqa: E402
 from statetune.train.metrics import read_metrics  # noqa: E402
 from statetune.tuning.statefile import load_state  # noqa: E402

@@ -16,7 +16,7 @@ import statetune
 from statetune.cli import main
 from statetune.commands.train import TrainOptions, train
 from statetune.data.loader import TokenDataset
-from statetune.evaluate.loss import dataset_loss
+from statetune.objective import dataset_loss
 
 LOGITS_REL, PROBS_ABS, PATHS_REL = 5e-2, 1e-2, 5e-3
 

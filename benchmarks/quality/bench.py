@@ -16,8 +16,8 @@ import torch
 from benchio import write_json
 
 from statetune.data.loader import TokenDataset
-from statetune.evaluate.loss import dataset_loss
 from statetune.model.checkpoint import load_model
+from statetune.objective import dataset_loss
 from statetune.tokenizer import tokenizer_for_vocab
 from statetune.tuning.tunable import TunableState
 

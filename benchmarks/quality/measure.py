@@ -14,10 +14,9 @@ import torch
 
 from statetune.data.loader import Example, TokenDataset, collate
 from statetune.evaluate.generation import greedy_batch
-from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
 from statetune.model.state import RWKVState
-from statetune.objective import masked_lm_loss
+from statetune.objective import dataset_loss, masked_lm_loss
 
 from .split import PROMPT
 

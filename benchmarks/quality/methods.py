@@ -22,10 +22,9 @@ from safetensors.torch import save_file
 
 from statetune.commands.train import TrainOptions, train
 from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
-from statetune.evaluate.loss import dataset_loss
 from statetune.model.checkpoint import load_model
 from statetune.model.state import RWKVState
-from statetune.objective import masked_lm_loss
+from statetune.objective import dataset_loss, masked_lm_loss
 from statetune.train.metrics import read_metrics
 from statetune.train.schedule import lr_at
 from statetune.tuning.config import StateTuningConfig

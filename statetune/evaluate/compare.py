@@ -10,9 +10,9 @@ from typing import Any
 from statetune.data.loader import TokenDataset
 from statetune.errors import DataError
 from statetune.evaluate.generation import greedy_batch
-from statetune.evaluate.loss import dataset_loss
 from statetune.evaluate.metrics import generation_scores
 from statetune.model.state import RWKVState
+from statetune.objective import dataset_loss
 
 log = logging.getLogger("statetune.eval")
 References = list[tuple[list[int], list[list[int]]]]
