@@ -75,8 +75,9 @@ def start_server(ckpt: Path, states: Path, args: argparse.Namespace, *extra: str
            "--max-tokens-limit", str(args.max_tokens), "--no-playground", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 300
+    deadline, seen = time.monotonic() + 300, []
     for line in proc.stderr:
+        seen = (seen + [line.rstrip()])[-20:]
         if "listening on http://" in line:
             proc.startup_s = time.perf_counter() - t0
             host, port = line.split("listening on http://")[1].split()[0].rsplit(":", 1)
@@ -85,7 +86,7 @@ def start_server(ckpt: Path, states: Path, args: argparse.Namespace, *extra: str
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+    raise SystemExit(f"the server did not start: {' '.join(cmd)}\n" + "\n".join(seen))
 
 
 async def one_request(host: str, port: int, body: bytes, path: str = "/v1/completions") -> dict[str, Any]:
