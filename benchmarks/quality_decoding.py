@@ -35,8 +35,8 @@ from quality import methods, split  # noqa: E402
 from quality.curves_report import write_section  # noqa: E402
 
 from statetune.data.loader import TokenDataset  # noqa: E402
+from statetune.evaluate.generation import decode_batch  # noqa: E402
 from statetune.evaluate.metrics import generation_scores  # noqa: E402
-from statetune.infer.engine import Engine  # noqa: E402
 from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
 from statetune.objective import dataset_loss  # noqa: E402
@@ -94,16 +94,6 @@ def loops(text: str) -> bool:
     return len(grams) != len(set(grams))
 
 
-def decode(model, tok, prompts: list[list[int]], state, params: SamplingParams) -> list[str]:
-    """Every prompt decoded from ``state`` with ``params`` through the batched engine, in input order."""
-    engine = Engine(model, tok, max_batch_size=32)
-    ids = [engine.add(p, state, params) for p in prompts]
-    done: dict[int, str] = {}
-    while len(done) < len(ids):
-        for delta in engine.step():
-            if delta.finished:
-                done[delta.seq_id] = delta.completion.text.strip()
-    return [done[i] for i in ids]
 
 
 def train_state(a: argparse.Namespace, model, work: Path):
@@ -144,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(**{"temperature": 0.0, **fields}, max_tokens=a.max_new_tokens,
                                 stop_token_ids=[tok.eot_id], stop=["\n"])
         s0 = time.perf_counter()
-        hyps = decode(model, tok, prompts, state, params)
+        hyps = decode_batch(model, tok, prompts, state, params)
         scores = generation_scores(hyps, [refs for _, refs in groups])
         rows[name] = {"fields": fields, "bleu": scores["bleu"], "chrf": scores["chrf"],
                       "loop_rate": sum(map(loops, hyps)) / max(len(hyps), 1),
