@@ -70,3 +70,11 @@ def test_no_module_over_300_lines():
     long = sorted(f"{p.relative_to(PACKAGE.parent)}: {n}" for p in PACKAGE.rglob("*.py")
                   if (n := len(p.read_text().splitlines())) > 300)
     assert not long, "modules over 300 lines:\n" + "\n".join(long)
+
+
+def test_commands_import_the_library_not_each_other():
+    """A command is a thin layer over the library; one command calling another would hide library logic in a
+    command (the demo's recipe, for instance, calls the library's prepare, not the ``prepare`` command)."""
+    wrong = sorted(f"{m} imports {i}" for m, imps in _imports().items() if m.startswith("statetune.commands.")
+                   for i in imps if i.startswith("statetune.commands.") and i != m)
+    assert not wrong, "commands that import other commands:\n" + "\n".join(wrong)

@@ -53,8 +53,9 @@ def demo(opts: DemoOptions) -> int:
     """Run the demo; returns 0."""
     from tqdm import tqdm
 
-    from statetune.commands.prepare import PrepareOptions, prepare
+    from statetune.data.formats import Format
     from statetune.data.loader import TokenDataset
+    from statetune.data.prepare import PrepareSettings, prepare_dataset, resolve_tokenizer
     from statetune.evaluate.compare import prompts_and_references
     from statetune.evaluate.generation import greedy_batch
     from statetune.evaluate.metrics import generation_scores
@@ -77,9 +78,11 @@ def demo(opts: DemoOptions) -> int:
 
     print(f"[1/4] preparing E2E data (CC BY-SA 4.0, Novikova et al. 2017) for {model_path.name}", flush=True)
     data = out / "data" / "e2e"
-    prepare(PrepareOptions(inputs=[str(asset("e2e", "e2e_subset.csv"))], out=str(data), model=str(model_path),
-                           prompt_template=PROMPT, completion_template=COMPLETION, val_fraction=0.15, split_by="mr"))
     train_path, val_path = Path(f"{data}.jsonl"), Path(f"{data}.val.jsonl")
+    settings = PrepareSettings(format=Format.TEMPLATE, prompt_template=PROMPT, completion_template=COMPLETION,
+                               val_fraction=0.15, split_by="mr")
+    prepare_dataset([asset("e2e", "e2e_subset.csv")], (train_path, val_path, Path(f"{data}.meta.json")),
+                    resolve_tokenizer("auto", str(model_path)), settings)
 
     print(f"[2/4] tuning the initial state for {steps} steps (every weight frozen)", flush=True)
     run = out / "run"
