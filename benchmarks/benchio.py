@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def print_rows(rows: list[tuple[str, str]]) -> None:
     """A two-column table: labels padded to the longest, then values."""
@@ -21,3 +23,13 @@ def write_json(obj: object, path: str | Path, indent: int = 2) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def output_paths(results_dir: Path, stem: str, quick: bool, report: Path | None) -> tuple[Path, Path]:
+    """The results JSON and the report of a run: a full run into ``benchmarks/results`` reports into
+    ``benchmarks/RESULTS.md``; a ``--quick`` run or one into another folder writes ``STEM.md`` beside its JSON
+    (so a smoke run never rewrites the recorded report)."""
+    stem = f"{stem}_quick" if quick else stem
+    official = not quick and results_dir.resolve() == (REPO / "benchmarks/results").resolve()
+    return results_dir / f"{stem}.json", report or (REPO / "benchmarks/RESULTS.md" if official
+                                                    else results_dir / f"{stem}.md")

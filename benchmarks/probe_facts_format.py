@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from benchio import print_rows, write_json
+from benchio import REPO, output_paths, print_rows, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,7 +47,6 @@ from statetune.model.state import RWKVState  # noqa: E402
 from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import tokenizer_for_vocab  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- probe_facts_format: begin -->", "<!-- probe_facts_format: end -->"
 LR = {"state_direct": 3.0, "lora": 1e-2, "full": 1e-3}
 FULL = {"steps": 320, "batch_size": 8, "restaurants": 36, "test_mrs": None, "fact_tokens": 24,
@@ -91,10 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--lr {item}: expected METHOD=LR, e.g. state_direct=3")
         if name not in LR or not a.lrs[name] > 0:
             ap.error(f"--lr {item}: expected METHOD=LR with METHOD in {', '.join(LR)} and LR > 0")
-    stem = "probe_facts_format_quick" if a.quick else "probe_facts_format"
-    a.json = a.results_dir / f"{stem}.json"
-    official = not a.quick and a.results_dir.resolve() == (REPO / "benchmarks/results").resolve()
-    a.report = a.report or (REPO / "benchmarks/RESULTS.md" if official else a.results_dir / f"{stem}.md")
+    a.json, a.report = output_paths(a.results_dir, "probe_facts_format", a.quick, a.report)
     return a
 
 

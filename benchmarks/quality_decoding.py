@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from benchio import print_rows, write_json
+from benchio import REPO, output_paths, print_rows, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,7 +43,6 @@ from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import tokenizer_for_vocab  # noqa: E402
 from statetune.tuning.statefile import load_state  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- quality_decoding: begin -->", "<!-- quality_decoding: end -->"
 #: name → sampling fields (temperature 0 = greedy unless set).
 SETTINGS: dict[str, dict] = {
@@ -80,10 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, v in (("--steps", a.steps), ("--batch-size", a.batch_size), ("--max-new-tokens", a.max_new_tokens)):
         if v < 1:
             ap.error(f"{flag} {v}: must be at least 1")
-    stem = "quality_decoding_quick" if a.quick else "quality_decoding"
-    a.json = a.results_dir / f"{stem}.json"
-    official = not a.quick and a.results_dir.resolve() == (REPO / "benchmarks/results").resolve()
-    a.report = a.report or (REPO / "benchmarks/RESULTS.md" if official else a.results_dir / f"{stem}.md")
+    a.json, a.report = output_paths(a.results_dir, "quality_decoding", a.quick, a.report)
     return a
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
 from benchio import write_json
+
+from . import report
 
 #: Fields of a point that say which run it is; everything else is what the run measured.
 KEY = ("method", "budget", "lr", "seed")
@@ -111,17 +112,6 @@ def chosen_lr(results: dict, method: str, budget: int) -> float | None:
     return min(sweep, key=lambda p: p["best_val"])["lr"] if sweep else None
 
 
-def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean, sample standard deviation (0 for one run) and count of every numeric field over runs."""
-    out = {}
-    for k in NUMERIC:
-        vals = [r[k] for r in runs if r.get(k) is not None]
-        if vals:
-            out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                      "n": len(vals)}
-    return out
-
-
 def curve_rows(results: dict) -> list[dict]:
     """One row per (method, budget): the chosen LR, the scored seeds there and their summary."""
     from .methods import METHODS
@@ -135,5 +125,5 @@ def curve_rows(results: dict) -> list[dict]:
         runs = [p for p in at(results, method, budget) if p["lr"] == lr and p.get("scored")]
         lrs = sorted({p["lr"] for p in at(results, method, budget) if p["seed"] == 0 and p.get("source") != "finder"})
         rows.append({"method": method, "budget": budget, "lr": lr, "swept": lrs, "seeds": len(runs),
-                     "summary": summarise(runs)})
+                     "summary": report.summarise(runs, NUMERIC)})
     return rows

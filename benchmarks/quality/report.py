@@ -11,10 +11,10 @@ NUMERIC = ("trainable", "stored_bytes", "train_s", "best_val", "test_loss", "ble
 READING = "## Reading"
 
 
-def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
+def summarise(runs: list[dict], keys: tuple[str, ...] = NUMERIC) -> dict[str, dict[str, float]]:
     """Mean, sample standard deviation (0 for one run) and count of every numeric field over runs."""
     out = {}
-    for key in NUMERIC:
+    for key in keys:
         vals = [r[key] for r in runs if r.get(key) is not None]
         if vals:
             out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
