@@ -35,8 +35,8 @@ from quality import methods, split  # noqa: E402
 from quality.curves_report import write_section  # noqa: E402
 
 from statetune.data.loader import TokenDataset  # noqa: E402
-from statetune.evaluate.generation import decode_batch  # noqa: E402
 from statetune.evaluate.metrics import generation_scores  # noqa: E402
+from statetune.infer.engine import decode_all  # noqa: E402
 from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
 from statetune.objective import dataset_loss  # noqa: E402
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(**{"temperature": 0.0, **fields}, max_tokens=a.max_new_tokens,
                                 stop_token_ids=[tok.eot_id], stop=["\n"])
         s0 = time.perf_counter()
-        hyps = decode_batch(model, tok, prompts, state, params)
+        hyps = [t.strip() for t in decode_all(model, tok, prompts, state, params)]
         scores = generation_scores(hyps, [refs for _, refs in groups])
         rows[name] = {"fields": fields, "bleu": scores["bleu"], "chrf": scores["chrf"],
                       "loop_rate": sum(map(loops, hyps)) / max(len(hyps), 1),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from statetune.infer.engine import Engine
+from statetune.infer.engine import decode_all
 from statetune.infer.sampling import SamplingParams
 from statetune.model.base import RWKVBase
 from statetune.tokenizer import get_tokenizer
@@ -15,13 +15,7 @@ def continue_text(model: RWKVBase, prompt: str, params: SamplingParams) -> str:
     tok = get_tokenizer("bytes")
     was_training = model.training
     model.eval()
-    engine = Engine(model, tok, max_batch_size=1)
-    engine.add(tok.encode(prompt), params=params)
-    text = None
-    while text is None:
-        for delta in engine.step():
-            if delta.completion is not None:
-                text = delta.completion.text
+    text = decode_all(model, tok, [tok.encode(prompt)], None, params, batch_size=1)[0]
     model.train(was_training)
     return text
 

@@ -11,6 +11,7 @@ What one sequence emits (text, stops) is kept by ``statetune.infer.sequence``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from statetune.model.base import acc_dtype
 from statetune.model.state import RWKVState
 from statetune.tokenizer import StreamDecoder, Tokenizer
 
-__all__ = ["ERROR", "LENGTH", "STOP", "Completion", "Delta", "Engine", "prefill"]
+__all__ = ["ERROR", "LENGTH", "STOP", "Completion", "Delta", "Engine", "decode_all", "prefill"]
 
 
 class Engine:
@@ -225,3 +226,20 @@ def prefill(model, prompts: list[list[int]], state: RWKVState | None, max_tokens
     for start in range(0, T, chunk):
         logits, state = model(tokens[:, start:start + chunk], state, last_only=True)
     return logits[:, -1], state
+
+
+def decode_all(model, tokenizer: Tokenizer, prompts: list[list[int]], state: RWKVState | None,
+               params: SamplingParams | Sequence[SamplingParams], batch_size: int = 32, progress=None) -> list[str]:
+    """The text each prompt continues with from ``state``, in input order: the engine run until every prompt
+    is done, ``params`` shared or one per prompt (``progress.update(1)`` as each finishes, when given)."""
+    per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    ids = [engine.add(p, state, q) for p, q in zip(prompts, per_prompt, strict=True)]
+    done: dict[int, str] = {}
+    while len(done) < len(ids):
+        for delta in engine.step():
+            if delta.finished:
+                done[delta.seq_id] = delta.completion.text
+                if progress is not None:
+                    progress.update(1)
+    return [done[i] for i in ids]

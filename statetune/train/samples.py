@@ -7,7 +7,7 @@ logs is what ``generate`` would print for the same prompt and state.
 from __future__ import annotations
 
 from statetune.data.loader import TokenDataset
-from statetune.infer.engine import Engine
+from statetune.infer.engine import decode_all
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
 from statetune.tokenizer import Tokenizer
@@ -26,17 +26,9 @@ def sample_generations(model, tokenizer: Tokenizer, data: TokenDataset, state: R
     records = [split_prompt(data[i].ids, data[i].mask) for i in range(min(n, len(data)))]
     if not records:
         return []
-    engine = Engine(model, tokenizer, max_batch_size=len(records))
-    ids = []
-    for prompt, ref in records:
-        # seed fixed: greedy decoding draws nothing, and the run's random state must not move
-        params = SamplingParams(temperature=0.0, max_tokens=min(len(ref) + 16, max_tokens), seed=0,
-                                stop_token_ids=[tokenizer.eot_id])
-        ids.append(engine.add(prompt, state, params))
-    done: dict[int, str] = {}
-    while len(done) < len(ids):
-        for delta in engine.step():
-            if delta.finished:
-                done[delta.seq_id] = delta.completion.text
-    return [{"prompt": tokenizer.decode(p), "output": done[i], "reference": tokenizer.decode(r)}
-            for i, (p, r) in zip(ids, records, strict=True)]
+    # seed fixed: greedy decoding draws nothing, and the run's random state must not move
+    params = [SamplingParams(temperature=0.0, max_tokens=min(len(ref) + 16, max_tokens), seed=0,
+                             stop_token_ids=[tokenizer.eot_id]) for _, ref in records]
+    outputs = decode_all(model, tokenizer, [p for p, _ in records], state, params, batch_size=len(records))
+    return [{"prompt": tokenizer.decode(p), "output": out, "reference": tokenizer.decode(r)}
+            for out, (p, r) in zip(outputs, records, strict=True)]
