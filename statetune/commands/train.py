@@ -7,13 +7,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from statetune.errors import OptionError
-from statetune.options import accepts_flat
+from statetune.options import accepts_flat, h
 from statetune.train import loop, rundir
 from statetune.train.config import TrainConfig
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @accepts_flat
@@ -21,12 +17,12 @@ def _h(text: str) -> dict:
 class TrainOptions(TrainConfig):
     """Train the initial state of a frozen RWKV model on a tokenized dataset (the output of prepare)."""
 
-    resume: str | None = field(default=None, metadata={**_h(
+    resume: str | None = field(default=None, metadata={**h(
         "Continue the run in this directory (instead of --out) from its newest intact checkpoint; its options "
         "come from its config.toml (only --max-steps, --epochs, --eval-every, --save-every and a few more may "
         "change). --model, --train-data and --val-data are then optional: give them only when the files "
         "moved (their content is checked against the run's)."), "exclusive": "run", "metavar": "RUN"})
-    overwrite: bool = field(default=False, metadata=_h("Start over in an --out folder that already holds a "
+    overwrite: bool = field(default=False, metadata=h("Start over in an --out folder that already holds a "
                                                        "run: its checkpoints, logs and states are deleted."))
 
     def __post_init__(self) -> None:

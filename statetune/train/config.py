@@ -12,37 +12,33 @@ from dataclasses import dataclass, field
 
 from statetune.errors import OptionError
 from statetune.objective import Bptt
-from statetune.options import accepts_flat
+from statetune.options import accepts_flat, flag, h
 from statetune.runtime import DTYPES, TOKENIZERS, check_choice
 from statetune.tuning.config import StateTuningConfig
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 def _at_least(owner: object, names: tuple[str, ...], low: int) -> None:
     for name in names:
         v = getattr(owner, name)
         if v is not None and v < low:
-            raise OptionError(f"--{name.replace('_', '-')}: must be at least {low}, got {v}")
+            raise OptionError(f"{flag(name)}: must be at least {low}, got {v}")
 
 
 def _not_negative(owner: object, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(owner, name) < 0:
-            raise OptionError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(owner, name)}")
+            raise OptionError(f"{flag(name)}: must not be negative, got {getattr(owner, name)}")
 
 
 @dataclass
 class OptimConfig:
     """AdamW and gradient clipping."""
 
-    lr: float = field(default=1.0, metadata=_h("Peak learning rate (the state and the encoder alike)."))
-    weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay."))
-    beta1: float = field(default=0.9, metadata=_h("AdamW beta1."))
-    beta2: float = field(default=0.99, metadata=_h("AdamW beta2."))
-    grad_clip: float = field(default=1.0, metadata=_h("Clip the global gradient norm (0 disables)."))
+    lr: float = field(default=1.0, metadata=h("Peak learning rate (the state and the encoder alike)."))
+    weight_decay: float = field(default=0.0, metadata=h("AdamW weight decay."))
+    beta1: float = field(default=0.9, metadata=h("AdamW beta1."))
+    beta2: float = field(default=0.99, metadata=h("AdamW beta2."))
+    grad_clip: float = field(default=1.0, metadata=h("Clip the global gradient norm (0 disables)."))
 
     def __post_init__(self) -> None:
         _not_negative(self, ("lr", "weight_decay", "grad_clip"))
@@ -55,10 +51,10 @@ class OptimConfig:
 class ScheduleConfig:
     """How long to train, and the learning rate over time: linear warmup, then cosine decay."""
 
-    max_steps: int | None = field(default=None, metadata=_h("Optimizer steps (default: --epochs worth)."))
-    epochs: float = field(default=1.0, metadata=_h("Passes over the training data when --max-steps is unset."))
-    warmup_steps: int = field(default=10, metadata=_h("Linear warmup steps."))
-    lr_final: float = field(default=0.01, metadata=_h("Learning rate at the end of the cosine decay."))
+    max_steps: int | None = field(default=None, metadata=h("Optimizer steps (default: --epochs worth)."))
+    epochs: float = field(default=1.0, metadata=h("Passes over the training data when --max-steps is unset."))
+    warmup_steps: int = field(default=10, metadata=h("Linear warmup steps."))
+    lr_final: float = field(default=0.01, metadata=h("Learning rate at the end of the cosine decay."))
 
     def __post_init__(self) -> None:
         _at_least(self, ("max_steps",), 1)
@@ -71,10 +67,10 @@ class ScheduleConfig:
 class EvalConfig:
     """Validation during training: how often, how much, when to stop early, and sample generations."""
 
-    eval_every: int = field(default=50, metadata=_h("Validate every N steps (and at the end)."))
-    val_batches: int | None = field(default=None, metadata=_h("Validate on at most N batches."))
-    patience: int | None = field(default=None, metadata=_h("Stop after N evaluations without improvement."))
-    samples: int = field(default=2, metadata=_h("Sample generations from validation prompts per evaluation."))
+    eval_every: int = field(default=50, metadata=h("Validate every N steps (and at the end)."))
+    val_batches: int | None = field(default=None, metadata=h("Validate on at most N batches."))
+    patience: int | None = field(default=None, metadata=h("Stop after N evaluations without improvement."))
+    samples: int = field(default=2, metadata=h("Sample generations from validation prompts per evaluation."))
 
     def __post_init__(self) -> None:
         _at_least(self, ("eval_every", "val_batches", "patience"), 1)
@@ -84,8 +80,8 @@ class EvalConfig:
 class CheckpointConfig:
     """Training checkpoints (what ``--resume`` continues from)."""
 
-    save_every: int = field(default=50, metadata=_h("Write a training checkpoint every N steps."))
-    keep_checkpoints: int = field(default=2, metadata=_h("How many recent checkpoints to keep."))
+    save_every: int = field(default=50, metadata=h("Write a training checkpoint every N steps."))
+    keep_checkpoints: int = field(default=2, metadata=h("How many recent checkpoints to keep."))
 
     def __post_init__(self) -> None:
         _at_least(self, ("save_every", "keep_checkpoints"), 1)
@@ -96,39 +92,39 @@ class CheckpointConfig:
 class TrainConfig:
     """One training run: the base model and data, where it goes, the batch shape and the option groups."""
 
-    model: str | None = field(default=None, metadata=_h("Base model checkpoint (.pth or .safetensors); "
+    model: str | None = field(default=None, metadata=h("Base model checkpoint (.pth or .safetensors); "
                                                         "required, except with --resume."))
-    train_data: str | None = field(default=None, metadata=_h("Tokenized training JSONL (from `statetune "
+    train_data: str | None = field(default=None, metadata=h("Tokenized training JSONL (from `statetune "
                                                              "prepare`); required, except with --resume."))
-    out: str | None = field(default=None, metadata={**_h("Run directory of a new run, for its states, "
+    out: str | None = field(default=None, metadata={**h("Run directory of a new run, for its states, "
                                                           "checkpoints and logs."), "exclusive": "run"})
-    val_data: str | None = field(default=None, metadata=_h("Tokenized validation JSONL (optional)."))
+    val_data: str | None = field(default=None, metadata=h("Tokenized validation JSONL (optional)."))
     tuning: StateTuningConfig = field(default_factory=StateTuningConfig)
-    tokenizer: str = field(default="auto", metadata=_h("Tokenizer for --init-prompt and samples: world, "
+    tokenizer: str = field(default="auto", metadata=h("Tokenizer for --init-prompt and samples: world, "
                                                        "bytes, or auto (from the dataset's meta.json or the "
                                                        "model's vocabulary)."))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    batch_size: int = field(default=8, metadata=_h("Sequences per micro-batch per process."))
-    grad_accum: int = field(default=1, metadata=_h("Micro-batches per optimizer step."))
-    ctx_len: int = field(default=1024, metadata=_h("Longest segment run at once; longer sequences are cut "
+    batch_size: int = field(default=8, metadata=h("Sequences per micro-batch per process."))
+    grad_accum: int = field(default=1, metadata=h("Micro-batches per optimizer step."))
+    ctx_len: int = field(default=1024, metadata=h("Longest segment run at once; longer sequences are cut "
                                                    "into segments with the state carried over. With "
                                                    "--bptt full a memory knob only: the gradient is the "
                                                    "same for any value."))
-    bptt: Bptt = field(default=Bptt.full, metadata=_h("Backpropagation through the segments of a long "
+    bptt: Bptt = field(default=Bptt.full, metadata=h("Backpropagation through the segments of a long "
                                                       "sequence: full (every segment's loss reaches the "
                                                       "state, exactly) or truncated (the first segment's "
                                                       "only; faster, and later loss tokens teach nothing)."))
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    activation_checkpoint: bool = field(default=False, metadata=_h("Recompute each layer in the backward "
+    activation_checkpoint: bool = field(default=False, metadata=h("Recompute each layer in the backward "
                                                                    "pass (less memory for long contexts)."))
-    seed: int = field(default=0, metadata=_h("Seed for data order and encoder initialisation."))
-    device: str = field(default="cpu", metadata=_h("Torch device (cpu, cuda, cuda:1)."))
-    dtype: str = field(default="auto", metadata=_h("Compute dtype: fp32, bf16, or auto (fp32 on CPU, "
+    seed: int = field(default=0, metadata=h("Seed for data order and encoder initialisation."))
+    device: str = field(default="cpu", metadata=h("Torch device (cpu, cuda, cuda:1)."))
+    dtype: str = field(default="auto", metadata=h("Compute dtype: fp32, bf16, or auto (fp32 on CPU, "
                                                    "bf16 on CUDA)."))
-    threads: int | None = field(default=None, metadata=_h("CPU threads for torch (default: torch's)."))
-    progress: bool = field(default=True, metadata=_h("Show a progress bar."))
+    threads: int | None = field(default=None, metadata=h("CPU threads for torch (default: torch's)."))
+    progress: bool = field(default=True, metadata=h("Show a progress bar."))
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -148,4 +144,4 @@ class TrainConfig:
         resumed run can take them from its ``config.toml``)."""
         for name in ("model", "train_data", "out"):
             if getattr(self, name) is None:
-                raise OptionError(f"--{name.replace('_', '-')} is required (or --resume RUN_DIR)")
+                raise OptionError(f"{flag(name)} is required (or --resume RUN_DIR)")

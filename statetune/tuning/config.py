@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statetune.errors import OptionError
+from statetune.options import flag, h
 
 
 class Param(enum.StrEnum):
@@ -29,15 +30,11 @@ class Scope(enum.StrEnum):
     glob = "global"
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
 def _enum(cls: type[enum.Enum], name: str, value: Any) -> Any:
     try:
         return cls(value)
     except ValueError:
-        raise OptionError(f"--{name.replace('_', '-')}: invalid value {value!r} (choose from "
+        raise OptionError(f"{flag(name)}: invalid value {value!r} (choose from "
                           f"{', '.join(m.value for m in cls)})") from None
 
 
@@ -45,18 +42,18 @@ def _enum(cls: type[enum.Enum], name: str, value: Any) -> Any:
 class StateTuningConfig:
     """The state-tuning method: parameterisation, encoder scope and sizes, token-shift states, initial state."""
 
-    param: Param = field(default=Param.direct, metadata=_h("What is trained: the state tensors themselves, "
+    param: Param = field(default=Param.direct, metadata=h("What is trained: the state tensors themselves, "
                                                           "or a per-layer state encoder that produces them."))
-    encoder_scope: Scope = field(default=Scope.layer, metadata=_h("One encoder per layer, or one shared."))
-    encoder_in: int = field(default=64, metadata=_h("Encoder: size of the learned input per head."))
-    encoder_hidden: int = field(default=256, metadata=_h("Encoder: hidden width."))
-    tune_shift: bool = field(default=False, metadata=_h("Also train the two token-shift states per layer."))
-    shift_lr_scale: float = field(default=1.0, metadata=_h("With --tune-shift: the token-shift states' learning "
+    encoder_scope: Scope = field(default=Scope.layer, metadata=h("One encoder per layer, or one shared."))
+    encoder_in: int = field(default=64, metadata=h("Encoder: size of the learned input per head."))
+    encoder_hidden: int = field(default=256, metadata=h("Encoder: hidden width."))
+    tune_shift: bool = field(default=False, metadata=h("Also train the two token-shift states per layer."))
+    shift_lr_scale: float = field(default=1.0, metadata=h("With --tune-shift: the token-shift states' learning "
                                                            "rate as a fraction of the state's (they live at "
                                                            "the scale of normalised activations, ~1)."))
-    init: str = field(default="zeros", metadata=_h("Initial state: zeros, prompt (see --init-prompt), or a "
+    init: str = field(default="zeros", metadata=h("Initial state: zeros, prompt (see --init-prompt), or a "
                                                    "state file to continue from."))
-    init_prompt: str | None = field(default=None, metadata=_h("Text whose final state initialises training "
+    init_prompt: str | None = field(default=None, metadata=h("Text whose final state initialises training "
                                                               "(with --init prompt)."))
 
     def __post_init__(self) -> None:
@@ -64,7 +61,7 @@ class StateTuningConfig:
         self.encoder_scope = _enum(Scope, "encoder_scope", self.encoder_scope)
         for name in ("encoder_in", "encoder_hidden"):
             if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+                raise OptionError(f"{flag(name)}: must be at least 1, got {getattr(self, name)}")
         if self.shift_lr_scale < 0:
             raise OptionError(f"--shift-lr-scale: must not be negative, got {self.shift_lr_scale}")
         if self.init == "prompt" and not self.init_prompt:
