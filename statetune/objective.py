@@ -109,14 +109,14 @@ class LossResult:
 
 @torch.no_grad()
 def dataset_loss(model, data: TokenDataset, state: RWKVState | None, batch_size: int = 8, ctx_len: int = 1024,
-                 max_batches: int | None = None) -> LossResult:
-    """Mean next-token loss over all mask-1 tokens of ``data``, starting each record from ``state``
-    (validation during training and ``statetune eval``).
+                 max_batches: int | None = None, indices: list[int] | None = None) -> LossResult:
+    """Mean next-token loss over all mask-1 tokens of ``data`` (or of its records ``indices``), starting each
+    record from ``state`` (validation during training and ``statetune eval``).
 
     Records are taken in length order (less padding); sequences longer than ``ctx_len`` run in segments
     with the state carried, through the same segment loop as training.
     """
-    order = sorted(range(len(data)), key=lambda i: int(data.lengths[i]))
+    order = sorted(range(len(data)) if indices is None else indices, key=lambda i: int(data.lengths[i]))
     total, count = 0.0, 0
     for n, start in enumerate(range(0, len(order), batch_size)):
         if max_batches is not None and n >= max_batches:

@@ -77,7 +77,7 @@ def _add_flag(parser: Any, f: dataclasses.Field, tp: Any) -> None:
         kwargs.update(nargs="+", type=inner)
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):
         kwargs.update(choices=[m.value for m in tp])
-    elif tp in (int, float, str):
+    elif tp in (int, float, str) and "parse" not in f.metadata:
         kwargs["type"] = tp
     elif tp is Path:
         kwargs["type"] = str
@@ -86,7 +86,12 @@ def _add_flag(parser: Any, f: dataclasses.Field, tp: Any) -> None:
     parser.add_argument(flag(f.name), **kwargs)
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
+def _coerce(name: str, tp: Any, value: Any, parse: Any = None) -> Any:
+    if parse is not None:  # the field parses its own values (e.g. --lr: a number or "auto")
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as e:
+            raise OptionError(f"{flag(name)}: invalid value {value!r}: {e}") from None
     tp, optional = _unwrap_optional(tp)
     if value is None and optional:
         return None
@@ -192,7 +197,8 @@ def build(cls: type[T], values: dict[str, Any]) -> T:
     missing = []
     for f, tp, group in leaves(cls):
         if f.name in values:
-            (top if group is None else nested[group])[f.name] = _coerce(f.name, tp, values[f.name])
+            (top if group is None else nested[group])[f.name] = _coerce(f.name, tp, values[f.name],
+                                                                         f.metadata.get("parse"))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             missing.append(flag(f.name))
     if missing:
@@ -243,5 +249,6 @@ def _toml_value(v: Any) -> str:
 
 
 def h(text: str, **kw: Any) -> dict[str, Any]:
-    """A field's ``metadata``: its help text, plus ``positional=True``, ``metavar=...`` or ``cli=False``."""
+    """A field's ``metadata``: its help text, plus ``positional=True``, ``metavar=...``, ``cli=False`` or
+    ``parse=fn`` (the field's own parser of flag and TOML values; ValueError/TypeError name the flag)."""
     return {"help": text, **kw}

@@ -117,11 +117,22 @@ class ModelOptions:
         return load_model(self.model, device=resolve_device(self.device), dtype=resolve_dtype(self.dtype, self.device))
 
 
+STATE_SCALE_HELP = ("Multiply each loaded state file (WKV and token-shift tensors) by this factor: below 1 "
+                    "weakens a tuned state toward the zero state, at no inference cost (1 = as trained).")
+
+
+def check_state_scale(value: float) -> None:
+    """Refuse a negative ``--state-scale`` (0 is the zero state; negative flips the state's sign)."""
+    if value < 0:
+        raise OptionError(f"--state-scale: must be 0 or more, got {value}")
+
+
 @dataclass(kw_only=True)
 class StateOption:
-    """``--state``: the state a model starts from (``generate``, ``chat``)."""
+    """``--state``: the state a model starts from (``generate``, ``chat``), and ``--state-scale``."""
 
     state: str | None = field(default=None, metadata=h(STATE_HELP))
+    state_scale: float = field(default=1.0, metadata=h(STATE_SCALE_HELP))
 
 
 @dataclass
@@ -134,22 +145,25 @@ class Runtime:
     metadata: dict[str, Any]
 
 
-def load_runtime(opts: ModelOptions, state: str | None = None) -> Runtime:
-    """Load the model, the start state (``state`` file, else the checkpoint's merged state, else zeros) and the
-    tokenizer (the flag, else the state's metadata, else the vocabulary size)."""
+def load_runtime(opts: ModelOptions, state: str | None = None, scale: float = 1.0) -> Runtime:
+    """Load the model, the start state (``state`` file times ``scale``, else the checkpoint's merged state,
+    else zeros) and the tokenizer (the flag, else the state's metadata, else the vocabulary size)."""
     from statetune.tuning.statefile import load_state
 
     model = opts.load_model()
     meta: dict[str, Any] = {}
     if state is not None:
         sf = load_state(state, model)
-        start, meta = sf.state, sf.metadata
+        start, meta = sf.state.scaled(scale), sf.metadata
     elif model.default_state is not None:
         start = model.default_state
     else:
         start = model.zero_state(1)
     tokenizer = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
-    source = state or ("the checkpoint's merged state" if model.default_state is not None else "zeros")
+    if state:
+        source = f"{state} x {scale:g}" if scale != 1.0 else state
+    else:
+        source = "the checkpoint's merged state" if model.default_state is not None else "zeros"
     log.info("model %s (%s, %d layers), state %s, tokenizer %s", opts.model, model.config.version,
              model.config.n_layer, source, tokenizer.name)
     return Runtime(model, tokenizer, start, meta)

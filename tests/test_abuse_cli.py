@@ -13,8 +13,8 @@ import statetune
 from statetune.cli import main
 
 NON_FINITE = [
-    (["--lr", "nan"], "--lr: invalid value nan: must be a finite number"),
-    (["--lr", "inf"], "--lr: invalid value inf"),
+    (["--lr", "nan"], "--lr: invalid value 'nan': must be a finite number"),
+    (["--lr", "inf"], "--lr: invalid value 'inf'"),
     (["--lr-final", "nan"], "--lr-final: invalid value nan"),
     (["--shift-lr-scale", "nan"], "--shift-lr-scale: invalid value nan"),
     (["--epochs", "nan"], "--epochs: invalid value nan"),

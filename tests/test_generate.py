@@ -108,6 +108,28 @@ def test_penalties_as_specified():
     assert logits[0, 0] == 2.0  # the input is not modified
 
 
+def test_penalty_decay_fades_counts_like_the_rwkv_pipeline():
+    """The reference loop: before each new token every occurrence count is multiplied by the decay, then the
+    token's count grows by 1; the penalty is presence + frequency * count for every token seen."""
+    decay, tokens = 0.5, [3, 1, 3, 0, 3]
+    row = RowSampler(SamplingParams(presence_penalty=0.1, frequency_penalty=1.0, penalty_decay=decay))
+    reference: dict[int, float] = {}
+    for t in tokens:
+        reference = {k: v * decay for k, v in reference.items()}
+        reference[t] = reference.get(t, 0.0) + 1.0
+        row.observe(t)
+    assert row.counts == pytest.approx(reference)
+    out = penalize(torch.zeros(1, 5), [row])[0]
+    expect = torch.tensor([-(0.1 + reference.get(i, 0.0)) if i in reference else 0.0 for i in range(5)])
+    torch.testing.assert_close(out, expect)
+    long = RowSampler(SamplingParams(frequency_penalty=1.0, penalty_decay=0.5))
+    for _ in range(2000):  # far past the internal rescale: counts stay finite and exact
+        long.observe(7)
+    assert long.counts[7] == pytest.approx(2.0)
+    with pytest.raises(SamplingError, match="penalty_decay: must be in"):
+        SamplingParams(penalty_decay=0.0)
+
+
 def test_temperature_top_k_top_p_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     probs, order = probabilities(logits, [RowSampler(SamplingParams(top_p=0.7))])

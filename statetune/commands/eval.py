@@ -9,7 +9,7 @@ from pathlib import Path
 
 from statetune.errors import OptionError
 from statetune.options import flag, h
-from statetune.runtime import ModelOptions
+from statetune.runtime import STATE_SCALE_HELP, ModelOptions, check_state_scale
 
 __all__ = ["EvalOptions", "PlotOptions", "evaluate", "plot"]
 
@@ -20,6 +20,8 @@ class EvalOptions(ModelOptions):
 
     data: str = field(metadata=h("Tokenized JSONL (from `statetune prepare`)."))
     state: list[str] = field(default_factory=list, metadata=h("State files to compare with the base model."))
+    state_scale: list[float] = field(default_factory=lambda: [1.0], metadata=h(
+        STATE_SCALE_HELP + " Several factors compare each state at each (a sweep on validation data)."))
     generate: bool = field(default=False, metadata=h("Also generate for each distinct prompt and score it."))
     max_prompts: int | None = field(default=None, metadata=h("Generate for at most N distinct prompts."))
     max_tokens: int = field(default=96, metadata=h("Longest generation."))
@@ -30,6 +32,10 @@ class EvalOptions(ModelOptions):
 
     def __post_init__(self) -> None:
         self.check_model_options()
+        if not self.state_scale:
+            raise OptionError("--state-scale: give at least one factor (1 = the states as trained)")
+        for scale in self.state_scale:
+            check_state_scale(scale)
         for name in ("batch_size", "ctx_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{flag(name)}: must be at least 1, got {getattr(self, name)}")
@@ -46,6 +52,7 @@ def evaluate(opts: EvalOptions) -> int:
     from statetune.evaluate.compare import compare_states
     from statetune.evaluate.report import markdown_report
     from statetune.fileio import atomic_write
+    from statetune.model.state import RWKVState
     from statetune.runtime import dataset_meta, pick_tokenizer
     from statetune.tuning.formats import read_any
 
@@ -54,7 +61,12 @@ def evaluate(opts: EvalOptions) -> int:
     meta = dataset_meta(opts.data)
     tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
     stop = set((meta.get("stop") or {}).get("ids") or [tok.eot_id])
-    candidates = [("base (zero state)", None), *((Path(p).stem, read_any(p, model).state) for p in opts.state)]
+    candidates: list[tuple[str, RWKVState | None]] = [("base (zero state)", None)]
+    for path in opts.state:
+        state = read_any(path, model).state
+        for scale in opts.state_scale:
+            label = Path(path).stem if opts.state_scale == [1.0] else f"{Path(path).stem} x{scale:g}"
+            candidates.append((label, state.scaled(scale)))
     result = compare_states(model, tok, data, candidates, stop, generate=opts.generate, max_prompts=opts.max_prompts,
                             max_tokens=opts.max_tokens, examples=opts.examples, batch_size=opts.batch_size,
                             ctx_len=opts.ctx_len)

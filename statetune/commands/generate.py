@@ -15,7 +15,7 @@ from statetune.infer.generate import RecordPrompts, generate_records, read_recor
 from statetune.infer.sampling import SamplingOptions
 from statetune.options import h
 from statetune.prompts import stops
-from statetune.runtime import ModelOptions, StateOption, load_runtime
+from statetune.runtime import ModelOptions, StateOption, check_state_scale, load_runtime
 
 __all__ = ["GenerateOptions", "generate"]
 
@@ -40,6 +40,7 @@ class GenerateOptions(SamplingOptions, StateOption, ModelOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_model_options()
+        check_state_scale(self.state_scale)
         if (self.prompt is None) == (self.input is None):
             raise OptionError("--prompt/--input: give exactly one of --prompt TEXT or --input IN.jsonl")
         if (self.input is None) != (self.out is None):
@@ -63,7 +64,7 @@ class GenerateOptions(SamplingOptions, StateOption, ModelOptions):
 
 def generate(opts: GenerateOptions) -> int:
     """Run ``statetune generate``; returns the exit status."""
-    rt = load_runtime(opts, opts.state)
+    rt = load_runtime(opts, opts.state, opts.state_scale)
     strings, ids = stops(rt.metadata, rt.tokenizer, *opts.stop_lists())
     prompts = opts.prompts(rt.metadata)
     if opts.input is None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from statetune.errors import OptionError
 from statetune.options import flag, h
-from statetune.runtime import ModelOptions
+from statetune.runtime import STATE_SCALE_HELP, ModelOptions, check_state_scale
 from statetune.serve import startup
 from statetune.serve.startup import bound_socket
 
@@ -34,6 +34,8 @@ class ServeOptions(ModelOptions):
     states: str | None = field(default=None, metadata=h(
         "Directory of state files: each NAME.safetensors is served as model NAME (POST /v1/states/reload "
         "rescans it)."))
+    state_scale: float = field(default=1.0, metadata=h(STATE_SCALE_HELP.replace("each loaded state file",
+                                                                              "every state served but the base")))
     model_name: str | None = field(default=None, metadata=h(
         "Name of the base model alone (default: the model file's stem)."))
     host: str = field(default="127.0.0.1", metadata=h("Address to listen on (default: loopback only)."))
@@ -75,6 +77,7 @@ class ServeOptions(ModelOptions):
         if self.grace_period < 0:
             raise OptionError(f"--grace-period: must be 0 or more, got {self.grace_period}")
         self.check_model_options()
+        check_state_scale(self.state_scale)
         if self.model_name is not None and not self.model_name.strip():
             raise OptionError("--model-name: empty")
         if self.states is not None and not Path(self.states).is_dir():
@@ -99,7 +102,8 @@ def build_service(opts: ServeOptions) -> Service:
                                  max_loaded_states=opts.max_loaded_states, cache_mb=opts.cache_mb,
                                  cache_device=opts.cache_device, max_batch_size=opts.max_batch_size,
                                  prefill_tokens=opts.prefill_tokens, max_tokens_limit=opts.max_tokens_limit,
-                                 max_prompt_tokens=opts.max_prompt_tokens)
+                                 max_prompt_tokens=opts.max_prompt_tokens,
+                                 state_scale=opts.state_scale)
 
 
 def make_server(opts: ServeOptions, service: Service | None = None) -> Server:

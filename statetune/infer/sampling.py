@@ -3,7 +3,9 @@
 Penalties count the tokens a sequence has generated so far (not its prompt), as the RWKV pipeline and the
 OpenAI API do: ``repetition_penalty`` divides a positive logit (multiplies a negative one) of every token
 seen at least once; ``presence_penalty`` subtracts a constant from them; ``frequency_penalty`` subtracts
-that much per occurrence. Then ``temperature`` (0: greedy), ``top_k`` and ``top_p`` shape the distribution.
+that much per occurrence. With ``penalty_decay`` below 1 every count fades by that factor per generated
+token (the RWKV pipeline's 0.996: a token seen long ago is penalised less, and presence fades with it).
+Then ``temperature`` (0: greedy), ``top_k`` and ``top_p`` shape the distribution.
 Each row draws its random numbers from its own generator, so a seeded sequence gives the same tokens
 whether it is decoded alone or in a batch.
 """
@@ -52,6 +54,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    penalty_decay: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -68,6 +71,8 @@ class SamplingParams:
             raise SamplingError("repetition_penalty", "must be above 0 (1 = off)", self.repetition_penalty)
         _number("presence_penalty", self.presence_penalty)
         _number("frequency_penalty", self.frequency_penalty)
+        if not 0 < _number("penalty_decay", self.penalty_decay) <= 1:
+            raise SamplingError("penalty_decay", "must be in (0, 1] (1 = counts never fade)", self.penalty_decay)
         if _number("max_tokens", self.max_tokens, integer=True) < 1:
             raise SamplingError("max_tokens", "must be at least 1", self.max_tokens)
         if self.seed is not None and not 0 <= _number("seed", self.seed, integer=True) <= MAX_SEED:
@@ -100,17 +105,33 @@ class SamplingParams:
 
 
 class RowSampler:
-    """The sampling state of one sequence: its parameters, counts of generated tokens, its generator."""
+    """The sampling state of one sequence: its parameters, counts of generated tokens, its generator.
+
+    With ``penalty_decay`` below 1 the counts are kept in units that grow by ``1 / decay`` per token (so
+    fading them all costs nothing); :meth:`weights` gives the faded counts.
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.counts: Counter[int] = Counter()
+        self._counts: Counter[int] = Counter()
+        self._unit = 1.0  # what one occurrence now adds; a stored count over it is the faded count
         seed = params.seed if params.seed is not None else int(torch.randint(0, MAX_SEED, (), dtype=torch.int64))
         self.generator = torch.Generator().manual_seed(seed)
 
     def observe(self, token: int) -> None:
-        """Count a generated token (for the penalties)."""
-        self.counts[token] += 1
+        """Count a generated token (for the penalties); earlier counts fade by ``penalty_decay``."""
+        decay = self.params.penalty_decay
+        if decay != 1.0:
+            self._unit /= decay
+            if self._unit > 1e200:  # rescale long before float64 overflows
+                self._counts = Counter({t: c / self._unit for t, c in self._counts.items()})  # faded already
+                self._unit = 1.0
+        self._counts[token] += self._unit
+
+    @property
+    def counts(self) -> dict[int, float]:
+        """Token -> occurrences so far, each faded by ``penalty_decay`` per token generated since."""
+        return {t: c / self._unit for t, c in self._counts.items()}
 
     def uniform(self) -> float:
         """The next random number in [0, 1) of this row."""
@@ -198,6 +219,8 @@ class SamplingOptions:
                                                              "generated."))
     frequency_penalty: float = field(default=0.0, metadata=h("Subtract this times the number of times a token "
                                                               "was generated from its logit."))
+    penalty_decay: float = field(default=1.0, metadata=h("Fade every count by this factor per generated "
+                                                         "token (RWKV's usual 0.996; 1 = never)."))
     max_tokens: int = field(default=256, metadata=h("Most tokens to generate per answer."))
     seed: int | None = field(default=None, metadata=h("Random seed, for reproducible sampling."))
     stop: list[str] | None = field(default=None, metadata=h(
@@ -213,7 +236,8 @@ class SamplingOptions:
             return SamplingParams(
                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty, max_tokens=self.max_tokens,
+                frequency_penalty=self.frequency_penalty, penalty_decay=self.penalty_decay,
+                max_tokens=self.max_tokens,
                 seed=self._seed(seed_offset),
                 stop=stop, stop_token_ids=stop_ids)
         except SamplingError as e:

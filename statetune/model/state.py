@@ -35,6 +35,11 @@ class RWKVState:
         """A new state with ``fn`` applied to each of the three tensors."""
         return RWKVState(*(fn(t) for t in self.tensors()))
 
+    def scaled(self, factor: float) -> RWKVState:
+        """Every tensor times ``factor``: the straight line from the zero state (0) to this state (1), which
+        is what ``state average`` of this state and zeros gives with weights ``factor, 1 - factor``."""
+        return self if factor == 1.0 else self.map(lambda t: t * factor)
+
     def clone(self) -> RWKVState:
         return self.map(torch.clone)
 

@@ -147,7 +147,7 @@ def sampling_params(req: _Sampling, stop_strings: list[str], stop_ids: list[int]
     wanted = max_tokens if max_tokens is not None else req.max_tokens
     values = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
               "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
-              "repetition_penalty": req.repetition_penalty, "seed": req.seed}
+              "penalty_decay": req.penalty_decay, "repetition_penalty": req.repetition_penalty, "seed": req.seed}
     try:
         params = SamplingParams(**{k: v for k, v in values.items() if v is not None},
                                 max_tokens=limits.max_tokens if wanted is None else wanted,

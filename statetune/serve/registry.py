@@ -98,11 +98,13 @@ class Registry:
     """Name → :class:`Entry`, and the LRU of loaded states; safe to use from any thread.
 
     ``on_drop(key)`` is called for every state version that goes away (so the prefix cache can forget it).
+    Every state but the base model's is served times ``state_scale`` (``serve --state-scale``).
     """
 
     def __init__(self, model, tokenizer: Tokenizer, base_name: str, states_dir: str | Path | None,
-                 max_loaded: int = 64, on_drop=None) -> None:
+                 max_loaded: int = 64, on_drop=None, state_scale: float = 1.0) -> None:
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
+        self.state_scale = state_scale
         self.states_dir = Path(states_dir) if states_dir is not None else None
         self.max_loaded = max(1, max_loaded)
         self.on_drop = on_drop or (lambda key: None)
@@ -173,7 +175,7 @@ class Registry:
     def _read(self, entry: Entry) -> RWKVState:
         from statetune.tuning.statefile import load_state
 
-        state = load_state(entry.path, self.model).state  # checked completely, finite values included
+        state = load_state(entry.path, self.model).state.scaled(self.state_scale)  # checked completely
         self.loads += 1
         return state
 
@@ -268,7 +270,9 @@ class Registry:
 
     # -- states created over the API ---------------------------------------------------------------------------
     def add(self, name: str, state: RWKVState, metadata: dict[str, Any], path: Path | None = None) -> Entry:
-        """Serve ``state`` as ``name``: in memory, or (``path``: the file it was just written to) as a file."""
+        """Serve ``state`` as ``name``: in memory, or (``path``: the file it was just written to) as a file;
+        like every state but the base model's, it is served times ``state_scale``."""
+        state = state.scaled(self.state_scale)
         with self._lock:
             if name in self._entries:
                 raise ValueError(f"a state called {name!r} exists already")

@@ -34,6 +34,7 @@ class _Sampling(_Strict):
     top_k: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    penalty_decay: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None

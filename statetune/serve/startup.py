@@ -25,10 +25,10 @@ log = logging.getLogger("statetune.serve")
 def build_service(runtime: ModelOptions, *, states: str | Path | None = None, base_name: str,
                   max_loaded_states: int = 64, cache_mb: float = 512.0, cache_device: str | None = None,
                   max_batch_size: int = 32, prefill_tokens: int = 4096, max_tokens_limit: int = 1024,
-                  max_prompt_tokens: int = 4096) -> Service:
+                  max_prompt_tokens: int = 4096, state_scale: float = 1.0) -> Service:
     """Load the model and index the states; returns the :class:`~statetune.serve.service.Service` (not
     started). ``cache_mb`` is the prefix-state cache's memory (0: none), kept on ``cache_device`` (default:
-    the model's device)."""
+    the model's device); ``state_scale`` multiplies every state read from ``states``."""
     import torch
 
     from statetune.runtime import pick_tokenizer
@@ -45,7 +45,8 @@ def build_service(runtime: ModelOptions, *, states: str | Path | None = None, ba
     except RuntimeError as e:
         raise OptionError(f"--cache-device: not a torch device: {cache_device!r} ({e})") from None
     cache = PrefixCache(int(cache_mb * (1 << 20)), device)
-    registry = Registry(model, tokenizer, base_name, states, max_loaded_states, on_drop=cache.drop)
+    registry = Registry(model, tokenizer, base_name, states, max_loaded_states, on_drop=cache.drop,
+                        state_scale=state_scale)
     registry.reload()
     log.info("model %s (%s, %d layers, tokenizer %s) as %r", runtime.model, model.config.version,
              model.config.n_layer, tokenizer.name, base_name)

@@ -8,6 +8,7 @@ is accepted too: a flat keyword is routed to the group that owns it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from statetune.errors import OptionError
@@ -24,24 +25,58 @@ def _at_least(owner: object, names: tuple[str, ...], low: int) -> None:
             raise OptionError(f"{flag(name)}: must be at least {low}, got {v}")
 
 
+def _lr(value: object) -> float | str:
+    try:
+        return lr_value(value)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"--lr: invalid value {value!r}: {e}") from None
+
+
 def _not_negative(owner: object, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(owner, name) < 0:
             raise OptionError(f"{flag(name)}: must not be negative, got {getattr(owner, name)}")
 
 
+def lr_value(value: object) -> float | str:
+    """A ``--lr`` value: a finite number, or ``"auto"`` (search before training)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"expected a number or auto, got {type(value).__name__}")
+    try:
+        lr = float(value)
+    except ValueError:
+        raise ValueError("expected a number or auto") from None
+    if not math.isfinite(lr):
+        raise ValueError("must be a finite number")
+    return lr
+
+
 @dataclass
 class OptimConfig:
-    """AdamW and gradient clipping."""
+    """AdamW, gradient clipping, the state's L2 pull, and the learning-rate search of ``--lr auto``."""
 
-    lr: float = field(default=1.0, metadata=h("Peak learning rate (the state and the encoder alike)."))
+    lr: float | str = field(default=1.0, metadata=h(
+        "Peak learning rate (the state and the encoder alike), or auto: try --lr-search-rates for "
+        "--lr-search-steps steps each before training and keep the best on validation (see docs/training.md).",
+        parse=lr_value, metavar="LR|auto"))
     weight_decay: float = field(default=0.0, metadata=h("AdamW weight decay."))
     beta1: float = field(default=0.9, metadata=h("AdamW beta1."))
     beta2: float = field(default=0.99, metadata=h("AdamW beta2."))
     grad_clip: float = field(default=1.0, metadata=h("Clip the global gradient norm (0 disables)."))
+    state_l2: float = field(default=0.0, metadata=h("Add STATE_L2 * sum((state - initial state)^2) to the loss: "
+                                                    "keeps the tuned state near where it started (0 = off)."))
+    lr_search_steps: int = field(default=24, metadata=h("With --lr auto: optimizer steps per tried rate."))
+    lr_search_rates: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0], metadata=h(
+        "With --lr auto: the rates tried first (then the midpoints around the best)."))
 
     def __post_init__(self) -> None:
-        _not_negative(self, ("lr", "weight_decay", "grad_clip"))
+        self.lr = _lr(self.lr)
+        _not_negative(self, (*(("lr",) if self.lr != "auto" else ()), "weight_decay", "grad_clip", "state_l2"))
+        _at_least(self, ("lr_search_steps",), 1)
+        if not self.lr_search_rates or any(r <= 0 for r in self.lr_search_rates):
+            raise OptionError(f"--lr-search-rates: need positive rates, got {self.lr_search_rates}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise OptionError(f"--{name}: AdamW needs a value in [0, 1), got {getattr(self, name)}")

@@ -16,20 +16,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from statetune.data.loader import TokenDataset, collate, global_batches, micro_batches
+from statetune.data.loader import TokenDataset, global_batches
 from statetune.device import resolve_device
 from statetune.errors import CheckpointError, DataError
 from statetune.model.checkpoint import load_model
-from statetune.objective import backward_sequence, dataset_loss
+from statetune.objective import dataset_loss
 from statetune.runtime import dataset_meta, pick_tokenizer, resolve_dtype
 from statetune.train import guard, rundir
 from statetune.train.checkpoint import load_latest, save_checkpoint
 from statetune.train.config import TrainConfig
 from statetune.train.distributed import Dist, init_distributed
+from statetune.train.lr_search import search_lr
 from statetune.train.metrics import MetricsLog
 from statetune.train.samples import sample_generations
 from statetune.train.schedule import lr_at
 from statetune.train.setup import initial_state
+from statetune.train.step import take_step
 from statetune.tuning.statefile import save_state
 from statetune.tuning.tunable import TunableState
 
@@ -57,13 +59,14 @@ class Run:
         self.fingerprint = rundir.data_fingerprint(config)
         self.meta = dataset_meta(config.train_data)
         self.tokenizer = pick_tokenizer(config.tokenizer, self.meta, vocab)
-        start = initial_state(config.tuning, self.model, self.tokenizer)
+        self.start = start = initial_state(config.tuning, self.model, self.tokenizer)
         self.tunable = TunableState(start, config.tuning, config.seed)
         self.tunable.to(self.model.device)
         groups = self.tunable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         optim = config.optim
-        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+        # every step sets its own rate (lr_at); "auto" is settled by search_lr before the first one
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(optim.beta1, optim.beta2),
                                            weight_decay=optim.weight_decay)
         self.global_size = config.batch_size * config.grad_accum * d.world
         steps_per_epoch = math.ceil(len(self.train_data) / self.global_size)
@@ -74,6 +77,7 @@ class Run:
         self.baseline_val: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
+        self.lr_search: dict | None = rundir.read_lr_search(self.run_dir)  # a resumed run keeps its record
 
     # -- persistence ---------------------------------------------------------------------------------------
     def payload(self) -> dict:
@@ -131,7 +135,16 @@ class Run:
                 "optim": dataclasses.asdict(o.optim), "schedule": dataclasses.asdict(o.schedule),
                 "batch_size": o.batch_size, "grad_accum": o.grad_accum, "world_size": self.d.world,
                 "ctx_len": o.ctx_len, "bptt": o.bptt.value, "seed": o.seed,
-                "val_loss": val_loss, "baseline_val_loss": self.baseline_val}
+                "val_loss": val_loss, "baseline_val_loss": self.baseline_val,
+                **({"lr_search": self.lr_search} if self.lr_search else {})}
+
+    def search_lr(self) -> None:
+        """``--lr auto``: search, then train at the pick; the search's log goes to ``lr_search.json``."""
+        search = search_lr(self.model, self.train_data, self.val_data, self.start, self.config, self.d)
+        self.config.optim.lr = search.lr
+        self.lr_search = search.as_dict()
+        if self.d.main:
+            rundir.write_lr_search(self.run_dir, self.lr_search)
 
     def current_state(self):
         with torch.no_grad():
@@ -139,36 +152,14 @@ class Run:
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, batches: list[list[int]]) -> dict:
-        o, d, lengths = self.config, self.d, self.train_data.lengths
-        groups = micro_batches(batches[self.batch_in_epoch], lengths, o.batch_size, d.world, d.rank)
-        examples = [[self.train_data[i] for i in g] for g in groups]
-        count = torch.tensor([float(sum(sum(e.mask[1:]) for g in examples for e in g))])
-        total_count = max(1.0, float(d.all_reduce_sum(count)))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_tokens = 0.0, 0
-        for group in examples:
-            tokens, mask = collate(group, self.model.device)
-            n_tokens += int(tokens.numel())
-            # the loss is scaled by the global batch's loss-token count, so accumulation and ranks average it
-            loss, _ = backward_sequence(self.model, tokens, mask, self.tunable(), o.ctx_len, o.bptt,
-                                        1.0 / total_count, o.activation_checkpoint)
-            loss_sum += loss
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            d.all_reduce_sum(p.grad)
-        clip = o.optim.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+        o = self.config
         lr = lr_at(self.step, self.total_steps, o.optim.lr, o.schedule.lr_final, o.schedule.warmup_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)  # checkpoints from before lr_scale have one group
-        self.optimizer.step()
-        totals = d.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64))
+        stats = take_step(self.model, self.train_data, batches[self.batch_in_epoch], self.tunable, self.optimizer,
+                          self.params, o, self.d, lr)
         self.step += 1
         self.batch_in_epoch += 1
-        self.tokens_seen += int(totals[1])
-        return {"loss": float(totals[0]) / total_count, "lr": lr, "grad_norm": grad_norm,
-                "loss_tokens": int(total_count), "tokens": self.tokens_seen}
+        self.tokens_seen += stats.pop("tokens")
+        return {**stats, "lr": lr, "tokens": self.tokens_seen}
 
     # -- validation ----------------------------------------------------------------------------------------
     def validate(self, metrics: MetricsLog) -> bool:
@@ -232,8 +223,11 @@ def _train(config: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
         log.warning("%s has no checkpoint: the run starts again from step 0", run.run_dir)
     elif d.main and overwrite:
         rundir.clear_run(run.run_dir)
+        run.lr_search = None
+    if config.optim.lr == "auto":  # never on resume: config.toml holds the rate the search picked
+        run.search_lr()
     if d.main:
-        rundir.write_config(run.run_dir, config)
+        rundir.write_config(run.run_dir, config, run.lr_search)
     resume_step = (run.step if ck is not None else -1) if resume else None
     metrics = MetricsLog(run.run_dir, enabled=d.main, resume_step=resume_step)
     if d.main:

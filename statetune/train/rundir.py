@@ -10,6 +10,7 @@ not change: their size and SHA-256 are recorded in every checkpoint and compared
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ MAY_CHANGE = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoin
 # May point elsewhere on --resume, as long as the content is the same (checked against the checkpoint).
 MAY_MOVE = ("model", "train_data", "val_data")
 # What a run writes into its folder; --overwrite removes exactly these, nothing else.
-RUN_FILES = ("config.toml", "metrics.jsonl", "state-best.safetensors", "state-final.safetensors", "curves.png")
+LR_SEARCH = "lr_search.json"
+RUN_FILES = ("config.toml", "metrics.jsonl", "state-best.safetensors", "state-final.safetensors", "curves.png",
+             LR_SEARCH)
 RUN_DIRS = ("checkpoints", "tensorboard")
 
 
@@ -80,7 +83,8 @@ def resumed_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
         raise StatetuneError(f"--resume: {cfg} holds an invalid option: {e}") from None
     saved_values = flatten(saved)
     clash = [f"{flag(k)} {_show(v)} differs from the run's {k} = {_show(saved_values[k])}"
-             for k, v in given.items() if k not in MAY_CHANGE + MAY_MOVE + ("out",) and v != saved_values[k]]
+             for k, v in given.items() if k not in MAY_CHANGE + MAY_MOVE + ("out",) and v != saved_values[k]
+             and not (k == "lr" and v == "auto" and (run / LR_SEARCH).is_file())]  # the rate it searched
     if "out" in given and Path(given["out"]).resolve() != run.resolve():
         clash.insert(0, f"--out {given['out']} (a resumed run stays in {run})")
     if clash:
@@ -108,15 +112,33 @@ def _show(v: Any) -> str:
     return str(getattr(v, "value", v))
 
 
-def write_config(run_dir: Path, config: TrainConfig) -> None:
+def write_config(run_dir: Path, config: TrainConfig, lr_search: dict[str, Any] | None = None) -> None:
     """Write ``config.toml``: the run's config (the switches that only say how it was launched, such as
-    ``--overwrite``, are not part of it). An unchanged file is left untouched (a resume that changes nothing
-    rewrites nothing)."""
+    ``--overwrite``, are not part of it), headed by a comment when ``--lr auto`` picked its rate. An unchanged
+    file is left untouched (a resume that changes nothing rewrites nothing)."""
     text = to_toml(config)
+    if lr_search:
+        text = (f"# lr = {lr_search['lr']!r} was picked by --lr auto ({lr_search['rule']}); the trials are in "
+                f"{LR_SEARCH}\n") + text
     path = run_dir / "config.toml"
     if path.is_file() and path.read_bytes() == text.encode():
         return
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_lr_search(run_dir: Path, search: dict[str, Any]) -> None:
+    """Write ``lr_search.json``: what ``--lr auto`` tried and picked."""
+    text = json.dumps(search, indent=2) + "\n"
+    atomic_write(run_dir / LR_SEARCH, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_lr_search(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``lr_search.json`` (None when its rate was given, or the file is unreadable)."""
+    try:
+        data = json.loads((run_dir / LR_SEARCH).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_length(step: int, total_steps: int, where: Path) -> None:

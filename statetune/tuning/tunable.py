@@ -80,6 +80,15 @@ class TunableState(nn.Module):
             att, ffn = att + self.att_shift, ffn + self.ffn_shift
         return RWKVState(att, self.base_wkv + delta, ffn)
 
+    def distance_sq(self) -> Tensor:
+        """Squared distance of the produced state from ``base`` over everything trained (the WKV state, and
+        the token-shift vectors with ``tune_shift``): the ``--state-l2`` penalty before its weight."""
+        delta = self.wkv if self.param == Param.direct else self.encoder()
+        total = delta.square().sum()
+        if self.tune_shift:
+            total = total + self.att_shift.square().sum() + self.ffn_shift.square().sum()
+        return total
+
     @property
     def has_shift(self) -> bool:
         """Whether the produced state has token-shift vectors worth saving."""
