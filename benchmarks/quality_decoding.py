@@ -3,13 +3,15 @@
 From one tuned state (trained here, direct WKV state tuning on the benchmark's split, or ``--state FILE``),
 every validation MR is decoded with each setting through statetune's engine: greedy, greedy with a
 repetition penalty, greedy with presence / frequency penalties (the RWKV ecosystem's usual 0.5 / 0.5), and
-one sampled setting like RWKV's chat defaults (seeded). statetune's penalties count the tokens generated so
-far without decay (``statetune.infer.sampling``); RWKV's pipeline also decays the counts (0.996 per token),
-which is not available and not emulated here. Besides BLEU/chrF it reports how many outputs loop (a word
-3-gram that occurs twice). Prints a table, writes ``benchmarks/results/quality_decoding[_quick].json`` and a
-section of ``benchmarks/RESULTS.md`` (or ``RESULTS-DIR/quality_decoding[_quick].md``).
+one sampled setting like RWKV's chat defaults (seeded), each penalised setting also with RWKV's count decay
+(``penalty_decay`` 0.996 per token, as in its pipeline). Besides BLEU/chrF it reports how many outputs loop
+(a word 3-gram that occurs twice). With ``--scales`` it also scores the state times each factor
+(``--state-scale``): validation loss, and BLEU/chrF with the best setting above. Prints a table, writes
+``benchmarks/results/quality_decoding[_quick].json`` and a section of ``benchmarks/RESULTS.md`` (or
+``RESULTS-DIR/quality_decoding[_quick].md``).
 
-    python benchmarks/quality_decoding.py --threads 1 --steps 160          # train a state, then compare
+    python benchmarks/quality_decoding.py --threads 1 --steps 160 --lr 30 \
+        --data ../shared/data/e2e/devset.csv --scales 0.25,0.5,0.75,1,1.25,1.5   # train, compare, scale
     python benchmarks/quality_decoding.py --state my.safetensors           # compare on a given state
     python benchmarks/quality_decoding.py --quick --threads 1              # a smoke test
 """
@@ -41,7 +43,7 @@ from statetune.infer.sampling import SamplingParams  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
 from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import tokenizer_for_vocab  # noqa: E402
-from statetune.tuning.statefile import load_state  # noqa: E402
+from statetune.tuning.statefile import load_state, save_state  # noqa: E402
 
 BEGIN, END = "<!-- quality_decoding: begin -->", "<!-- quality_decoding: end -->"
 #: name → sampling fields (temperature 0 = greedy unless set).
@@ -52,8 +54,17 @@ SETTINGS: dict[str, dict] = {
     "greedy, presence 0.5 + frequency 0.5": {"presence_penalty": 0.5, "frequency_penalty": 0.5},
     "greedy, presence 0.2 + frequency 0.2": {"presence_penalty": 0.2, "frequency_penalty": 0.2},
     "greedy, frequency 0.5": {"frequency_penalty": 0.5},
+    "greedy, presence 0.5 + frequency 0.5, decay 0.996": {"presence_penalty": 0.5, "frequency_penalty": 0.5,
+                                                          "penalty_decay": 0.996},
+    "greedy, presence 0.2 + frequency 0.2, decay 0.996": {"presence_penalty": 0.2, "frequency_penalty": 0.2,
+                                                          "penalty_decay": 0.996},
+    "greedy, presence 0.2 + frequency 0.2, decay 0.99": {"presence_penalty": 0.2, "frequency_penalty": 0.2,
+                                                         "penalty_decay": 0.99},
     "sampled T=1 top-p 0.3, presence 0.5 + frequency 0.5 (seed 0)": {
         "temperature": 1.0, "top_p": 0.3, "presence_penalty": 0.5, "frequency_penalty": 0.5, "seed": 0},
+    "sampled T=1 top-p 0.3, presence 0.5 + frequency 0.5, decay 0.996 (seed 0)": {
+        "temperature": 1.0, "top_p": 0.3, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+        "penalty_decay": 0.996, "seed": 0},
 }
 
 
@@ -70,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3.0, help="peak LR of the direct state (default 3)")
     ap.add_argument("--val-mrs", type=int, default=None, help="validation MRs decoded (default all; 3 with --quick)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 192 (12 with --quick)")
+    ap.add_argument("--scales", default=None, metavar="A[,A...]",
+                    help="also score the state times each factor (validation loss; BLEU/chrF, best setting)")
+    ap.add_argument("--save-state", type=Path, default=None, help="keep the trained state in this file")
     ap.add_argument("--results-dir", type=Path, default=REPO / "benchmarks/results")
     ap.add_argument("--report", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -79,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, v in (("--steps", a.steps), ("--batch-size", a.batch_size), ("--max-new-tokens", a.max_new_tokens)):
         if v < 1:
             ap.error(f"{flag} {v}: must be at least 1")
+    try:
+        a.scales = [float(x) for x in a.scales.split(",") if x.strip()] if a.scales else []
+    except ValueError:
+        ap.error(f"--scales {a.scales}: expected comma-separated numbers, e.g. 0.5,1")
+    if any(x < 0 for x in a.scales):
+        ap.error("--scales: factors must be 0 or more")
     a.json, a.report = output_paths(a.results_dir, "quality_decoding", a.quick, a.report)
     return a
 
@@ -92,6 +112,31 @@ def loops(text: str) -> bool:
 
 
 
+def groups_of(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The validation MRs decoded, each with its references."""
+    return list(split.split_by_mr(split.read_csv(a.data)).val.items())[:a.val_mrs]
+
+
+def decode_row(a: argparse.Namespace, model, tok, state, groups, fields: dict) -> dict:
+    """Greedy (or ``fields``) decoding of every MR from ``state``, scored against its references."""
+    prompts = [tok.encode(split.PROMPT.format(mr=mr)) for mr, _ in groups]
+    params = SamplingParams(**{"temperature": 0.0, **fields}, max_tokens=a.max_new_tokens,
+                            stop_token_ids=[tok.eot_id], stop=["\n"])
+    s0 = time.perf_counter()
+    hyps = [t.strip() for t in decode_all(model, tok, prompts, state, params)]
+    scores = generation_scores(hyps, [refs for _, refs in groups])
+    return {"fields": fields, "bleu": scores["bleu"], "chrf": scores["chrf"],
+            "loop_rate": sum(map(loops, hyps)) / max(len(hyps), 1),
+            "mean_words": sum(len(h.split()) for h in hyps) / max(len(hyps), 1),
+            "seconds": time.perf_counter() - s0, "samples": hyps[:3]}
+
+
+def score_scales(a: argparse.Namespace, model, state, val) -> list[dict]:
+    """Validation loss of the state times each of ``--scales`` (None without the validation split)."""
+    return [{"scale": x, "val_loss": None if val is None else dataset_loss(model, val, state.scaled(x), 8).loss}
+            for x in a.scales]
+
+
 def train_state(a: argparse.Namespace, model, work: Path):
     """Direct WKV state tuning on the split's training MRs; the best state on validation and its run info."""
     data = split.build(a.data, work / "data", a.model, val_records=48, test_refs=2, test_prompts=None, shots=0)
@@ -101,7 +146,7 @@ def train_state(a: argparse.Namespace, model, work: Path):
     b = methods.Budget(a.steps, a.batch_size, eval_every=max(1, a.steps // 5), warmup=max(1, a.steps // 6))
     t = methods.state_direct(ctx, b, a.lr, 0)
     return t.state, {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "best_val": t.best_val,
-                     "base_val": base_val, "train_s": t.train_s}
+                     "base_val": base_val, "train_s": t.train_s}, val
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,29 +164,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.state is not None:
             state, trained = load_state(a.state, model).state, {"state_file": os.path.basename(a.state)}
+            val = None
         else:
-            state, trained = train_state(a, model, work)
+            state, trained, val = train_state(a, model, work)
+            if a.save_state is not None:
+                save_state(a.save_state, state, model, {"tokenizer": tok.name})
+        scales = score_scales(a, model, state, val)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    groups = list(split.split_by_mr(split.read_csv(a.data)).val.items())[:a.val_mrs]
-    prompts = [tok.encode(split.PROMPT.format(mr=mr)) for mr, _ in groups]
+    groups = groups_of(a)
     rows = {}
     for name, fields in SETTINGS.items():
-        params = SamplingParams(**{"temperature": 0.0, **fields}, max_tokens=a.max_new_tokens,
-                                stop_token_ids=[tok.eot_id], stop=["\n"])
-        s0 = time.perf_counter()
-        hyps = [t.strip() for t in decode_all(model, tok, prompts, state, params)]
-        scores = generation_scores(hyps, [refs for _, refs in groups])
-        rows[name] = {"fields": fields, "bleu": scores["bleu"], "chrf": scores["chrf"],
-                      "loop_rate": sum(map(loops, hyps)) / max(len(hyps), 1),
-                      "mean_words": sum(len(h.split()) for h in hyps) / max(len(hyps), 1),
-                      "seconds": time.perf_counter() - s0, "samples": hyps[:3]}
-        print(f"{name}: BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}", flush=True)
+        rows[name] = decode_row(a, model, tok, state, groups, fields)
+        print(f"{name}: BLEU {rows[name]['bleu']:.1f}, chrF {rows[name]['chrf']:.1f}", flush=True)
+    best = max(rows, key=lambda n: (rows[n]["bleu"], rows[n]["chrf"]))
+    for scale in scales:
+        scale.update(decode_row(a, model, tok, state.scaled(scale["scale"]), groups, rows[best]["fields"]))
+        print(f"state x{scale['scale']:g}: val {scale['val_loss']}, BLEU {scale['bleu']:.1f}", flush=True)
     words = [os.path.relpath(w, REPO) if os.path.isabs(w) else w for w in argv]
     out = {"benchmark": "quality_decoding", "command": "python benchmarks/quality_decoding.py " + shlex.join(words),
            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "threads": torch.get_num_threads(),
            "val_mrs": len(groups), "max_new_tokens": a.max_new_tokens, "trained": trained,
-           "penalty_decay": "not supported by statetune.infer.sampling (counts never decay)", "settings": rows,
+           "settings": rows, "best_setting": best, "scales": scales,
            "elapsed_s": time.perf_counter() - t0}
     write_json(out, a.json, indent=1)
     report(out, a.report)
@@ -159,11 +203,18 @@ def report(r: dict, path: Path) -> None:
     lines = [BEGIN, "## Decoding: greedy against penalised decoding", "",
              f"- command: `{r['command']}`; {r['date']}, {r['elapsed_s'] / 60:.1f} min, {r['threads']} thread(s)",
              f"- from {state}; {r['val_mrs']} validation MRs, at most {r['max_new_tokens']} tokens, stop at a "
-             "newline or end of text; penalties count generated tokens only and never decay (statetune has no "
-             "decay of the counts, unlike RWKV's pipeline)", "",
+             "newline or end of text; penalties count generated tokens only; `decay` fades the counts per token "
+             "(`--penalty-decay`)", "",
              "| setting | BLEU | chrF | outputs that loop | mean words |", "|---|---:|---:|---:|---:|"]
     for name, x in r["settings"].items():
         lines.append(f"| {name} | {x['bleu']:.1f} | {x['chrf']:.1f} | {x['loop_rate']:.2f} | {x['mean_words']:.1f} |")
+    if r.get("scales"):
+        lines += ["", f"The state times a factor (`--state-scale`), decoded with the best setting above "
+                      f"({r['best_setting']}):", "",
+                  "| scale | validation loss | BLEU | chrF | outputs that loop |", "|---:|---:|---:|---:|---:|"]
+        for x in r["scales"]:
+            v = "–" if x["val_loss"] is None else f"{x['val_loss']:.4f}"
+            lines.append(f"| {x['scale']:g} | {v} | {x['bleu']:.1f} | {x['chrf']:.1f} | {x['loop_rate']:.2f} |")
     write_section(path, "\n".join(lines + [END]), BEGIN, END)
 
 

@@ -36,11 +36,15 @@ def test_decoding_quick_end_to_end(tmp_path: Path) -> None:
         w.writerow(["mr", "ref"])
         w.writerows([f"name[Place {i}], area[riverside]", f"Place {i} is by the river."] for i in range(30))
     cmd = [sys.executable, str(REPO / "benchmarks/quality_decoding.py"), "--quick", "--model", str(model),
-           "--data", str(data), "--results-dir", str(tmp_path / "res")]
+           "--data", str(data), "--results-dir", str(tmp_path / "res"), "--scales", "0,1", "--save-state",
+           str(tmp_path / "s.safetensors")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads((tmp_path / "res/quality_decoding_quick.json").read_text())
     assert list(out["settings"]) == list(quality_decoding.SETTINGS) and out["val_mrs"] == 3
-    assert out["trained"]["steps"] == 3 and "not supported" in out["penalty_decay"]
+    assert out["trained"]["steps"] == 3 and out["best_setting"] in out["settings"]
+    assert [x["scale"] for x in out["scales"]] == [0.0, 1.0] and all(x["val_loss"] > 0 for x in out["scales"])
+    assert (tmp_path / "s.safetensors").is_file()  # --save-state keeps the trained state
     md = (tmp_path / "res/quality_decoding_quick.md").read_text()
-    assert md.count("| greedy") == 6 and "quality_decoding: end" in md
+    n_greedy = sum(name.startswith("greedy") for name in quality_decoding.SETTINGS)
+    assert md.count("| greedy") == n_greedy and "quality_decoding: end" in md and "| 0 |" in md
