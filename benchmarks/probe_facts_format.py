@@ -156,7 +156,7 @@ class Probe:
                "test_rows": len(test_rows), "majority_recall": tasks.majority_rate(rs),
                "methods": {"base model": {**score(self.model, None), "trainable": 0}}}
         for name in a.methods:
-            t = methods.METHODS[name][0](ctx, self.budget, a.lrs[name], a.seed)
+            t = methods.get(name)[0](ctx, self.budget, a.lrs[name], a.seed)
             res["methods"][name] = {**score(t.model, t.state), "trainable": t.trainable, "best_val": t.best_val,
                                     "train_s": t.train_s, "lr": a.lrs[name]}
             self.log(f"facts {name}: paraphrase recall {res['methods'][name]['paraphrases']['recall']:.3f}")
@@ -194,7 +194,7 @@ class Probe:
                "methods": {"base model": {**fmt(self.model, None), "trainable": 0}}}
         format_state = None
         for name in a.methods:
-            t = methods.METHODS[name][0](ctx, self.budget, a.lrs[name], a.seed)
+            t = methods.get(name)[0](ctx, self.budget, a.lrs[name], a.seed)
             res["methods"][name] = {**fmt(t.model, t.state), "trainable": t.trainable, "best_val": t.best_val,
                                     "train_s": t.train_s, "lr": a.lrs[name]}
             self.log(f"format {name}: layout rate {res['methods'][name]['layout_rate']:.3f}")

@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the points the results file already has (scored), e.g. after --time-limit")
     curves.add_argument("--seeds-only", action="store_true",
                         help="run only the further seeds, at the LRs the results file's sweeps chose")
+    curves.add_argument("--scale-sweep", default=None, metavar="A[,A...]",
+                        help="for every scored state point, also the validation loss of the state times each "
+                             "factor (--state-scale); the best factor is scored on test too")
     curves.add_argument("--max-extend", type=int, default=1,
                         help="sweep: rates added beyond a grid edge when the best sits there (default 1)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
@@ -93,9 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = set(args.methods) - set(methods.METHODS)
+    unknown = {m for m in args.methods if not methods.known(m)}
     if unknown:
-        ap.error(f"--methods: unknown {sorted(unknown)} (choose from {', '.join(methods.METHODS)})")
+        ap.error(f"--methods: unknown {sorted(unknown)} (choose from {', '.join(methods.METHODS)}, or "
+                 f"{methods.L2_PREFIX}WEIGHT)")
     args.lr_grid = dict(parse_lr_grid(ap, item) for item in args.lr_grid)
     stem = "quality_e2e_quick" if args.quick else "quality_e2e"
     args.json = args.results_dir / f"{stem}.json"
@@ -119,6 +123,12 @@ def parse_curves(ap: argparse.ArgumentParser, args: argparse.Namespace, official
                         ("--max-extend", args.max_extend + 1), ("--finder-steps", args.finder_steps)):
         if value is not None and value < 1:
             ap.error(f"{flag} {value}: must be at least 1" if flag != "--max-extend" else "--max-extend: 0 or more")
+    try:
+        args.scale_sweep = [float(x) for x in (args.scale_sweep or "").split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--scale-sweep {args.scale_sweep}: expected comma-separated factors, e.g. 0.5,0.75,1")
+    if any(x < 0 for x in args.scale_sweep):
+        ap.error("--scale-sweep: factors must be 0 or more")
     if args.finder_steps is None:
         args.finder_steps = 2 if args.quick else 24
     stem = "quality_curves_quick" if args.quick else "quality_curves"
@@ -132,8 +142,9 @@ def parse_curves(ap: argparse.ArgumentParser, args: argparse.Namespace, official
 def parse_lr_grid(ap: argparse.ArgumentParser, item: str) -> tuple[str, list[float]]:
     """``METHOD=LR[,LR...]`` from ``--lr`` as ``(method, rates)``; a bad value stops with a usage error."""
     name, _, rates = item.partition("=")
-    if name not in methods.METHODS:
-        ap.error(f"--lr {item}: unknown method {name!r} (choose from {', '.join(methods.METHODS)})")
+    if not methods.known(name):
+        ap.error(f"--lr {item}: unknown method {name!r} (choose from {', '.join(methods.METHODS)}, or "
+                 f"{methods.L2_PREFIX}WEIGHT)")
     try:
         grid = [float(r) for r in rates.split(",") if r.strip()]
     except ValueError:

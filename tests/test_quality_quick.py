@@ -20,7 +20,7 @@ from statetune.model.random_init import random_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "quality_e2e.py"
 METHODS = ("zero_shot", "few_shot", "state_direct", "state_shift", "state_encoder", "state_encoder_global",
-           "state_prompt_init", "lora", "full")
+           "state_prompt_init", "state_shift_slow", "lora", "full")
 FIELDS = ("trainable", "stored_bytes", "train_s", "best_val", "test_loss", "bleu", "chrf",
           "decode_tokens_per_s", "general_loss")
 
@@ -143,7 +143,8 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
     assert lora_pt["invocation"] == res2["invocations"][-1]["id"] and len(res2["invocations"]) == 3
 
     md = (tmp_path / "results" / "quality_curves_quick.md").read_text()
-    assert md.count("| LoRA (peft)") == 1 and md.count("| state tuning, direct, WKV only |") == 2
+    # two budgets in the main table, and the largest again among the state methods
+    assert md.count("| LoRA (peft)") == 1 and md.count("| state tuning, direct, WKV only |") == 3
     for png in ("by_budget", "by_params"):
         assert (tmp_path / "results" / f"quality_curves_quick_{png}.png").stat().st_size > 0
 
@@ -157,6 +158,20 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
     assert any(p["lr"] == finder["pick"] and p["seed"] == 0 and p["scored"] for p in res3["points"]
                if p["method"] == "state_direct" and p["budget"] == 3)
     assert "### LR finder against the best fixed rate" in (tmp_path / "results/quality_curves_quick.md").read_text()
+
+    assert finder["via"] == "statetune train --lr auto" and finder["rule"].endswith("scored on validation")
+
+    # a parameterised method (train --state-l2) and --scale-sweep: each scored state point gets the
+    # validation loss of its state times each factor, and the largest budget's table lists both
+    l2 = _curves(tmp_path, "--budgets", "3", "--methods", "state_l2_0.001", "--scale-sweep", "0,0.5")
+    assert l2.returncode == 0, l2.stdout[-3000:] + l2.stderr[-3000:]
+    res4 = json.loads(out.read_text())
+    (pt,) = [p for p in res4["points"] if p["method"] == "state_l2_0.001"]
+    assert [a for a, _ in pt["scale"]["val"]] == [0.0, 0.5, 1.0] and pt["scale"]["best"] in (0.0, 0.5, 1.0)
+    assert pt["scale"]["val"][-1][1] == pytest.approx(pt["best_val"], rel=1e-4)  # x1 is the state itself
+    md = (tmp_path / "results/quality_curves_quick.md").read_text()
+    assert "| state tuning, direct, --state-l2 0.001 |" in md and "times the best --state-scale" in md
+    assert "### Validation loss of a trained state times a factor" in md
 
     # a file made with another setup is refused, not mixed in
     other = _curves(tmp_path, "--budgets", "3", "--methods", "lora", "--val-records", "3")

@@ -33,6 +33,7 @@ LR_GRID: dict[str, list[float]] = {
     "state_encoder": [3.0, 1.0, 10.0],
     "state_encoder_global": [3.0, 1.0, 10.0],
     "state_prompt_init": [10.0, 3.0, 30.0],
+    "state_shift_slow": [10.0, 3.0, 30.0],
     "lora": [1e-2, 3e-3, 3e-2],
     "full": [1e-3, 3e-4, 3e-3],
 }
@@ -42,6 +43,11 @@ FULL = {"steps": 40, "batch_size": 8, "eval_every": 8, "seeds": 3, "val_records"
         "test_prompts": None, "max_new_tokens": 192, "decode_tokens": 64, "general_bytes": 20_000}
 QUICK = {"steps": 3, "batch_size": 2, "eval_every": 3, "seeds": 1, "val_records": 4, "test_refs": 1,
          "test_prompts": 3, "max_new_tokens": 12, "decode_tokens": 4, "general_bytes": 1_000}
+
+
+def lr_grid(name: str) -> list[float]:
+    """A method's built-in LR grid (the parameterised L2 methods take direct tuning's)."""
+    return list(LR_GRID.get(name) or LR_GRID["state_direct" if name.startswith(methods.L2_PREFIX) else name])
 
 
 def rel(path: Path | str) -> str:
@@ -122,7 +128,7 @@ class Bench:
     def grid(self, name: str) -> list[float]:
         if name in self.args.lr_grid:
             return self.args.lr_grid[name]
-        return LR_GRID[name][:1] if self.args.quick else LR_GRID[name]
+        return lr_grid(name)[:1] if self.args.quick else lr_grid(name)
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
@@ -166,7 +172,7 @@ class Bench:
 
     def sweep(self, name: str) -> None:
         """Seed 0 at every LR of the grid; the best on validation is scored and kept as seed 0's run."""
-        fn, label, is_state = methods.METHODS[name]
+        fn, label, is_state = methods.get(name)
         seed = 0
         entries, best = [], None
         for lr in self.grid(name):
@@ -192,7 +198,7 @@ class Bench:
         return True
 
     def another_seed(self, name: str, seed: int) -> None:
-        fn = methods.METHODS[name][0]
+        fn = methods.get(name)[0]
         lr = self.results["methods"][name]["lr"]
         t = fn(self.ctx, self.budget, lr, seed)
         row = self.scored(t, lr, seed)
@@ -224,8 +230,8 @@ class Bench:
         # seeds of LoRA and full fine-tuning: a run stopped early still compares all methods, and the state
         # methods with equal seed counts
         todo = [(self.sweep, (name,)) for name in a.methods]
-        state = [m for m in a.methods if methods.METHODS[m][2]]
-        weight = [m for m in a.methods if not methods.METHODS[m][2]]
+        state = [m for m in a.methods if methods.get(m)[2]]
+        weight = [m for m in a.methods if not methods.get(m)[2]]
         for names, n_seeds in ((state, a.seeds), (weight, a.weight_seeds)):
             todo += [(self.another_seed, (name, seed)) for seed in range(1, n_seeds) for name in names]
         if a.batch_ablation and "state_direct" in a.methods:

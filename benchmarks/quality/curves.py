@@ -21,7 +21,7 @@ from pathlib import Path
 from statetune.train.lr_finder import find_lr
 
 from . import curves_report, methods, points
-from .bench import LR_GRID, Bench, rel
+from .bench import Bench, lr_grid, rel
 
 #: Built-in guesses from the recorded 40-step benchmark (2 threads on a quiet machine, shipped model,
 #: full-size validation and test): seconds of one optimizer step of batch 8, of a run's other work (start-up,
@@ -36,7 +36,7 @@ FINDER_RANGE = {"state": (0.1, 100.0), "lora": (1e-4, 1e-1), "full": (1e-5, 1e-2
 
 
 def family(method: str) -> str:
-    return "state" if methods.METHODS[method][2] else ("lora" if method == "lora" else "full")
+    return "state" if methods.get(method)[2] else ("lora" if method == "lora" else "full")
 
 
 def budget_for(steps: int, batch_size: int) -> methods.Budget:
@@ -108,7 +108,7 @@ class Curves(Bench):
         if method in a.lr_grid:
             return a.lr_grid[method], "from --lr"
         if a.quick:
-            return LR_GRID[method][:1], "quick: first rate of the built-in grid"
+            return lr_grid(method)[:1], "quick: first rate of the built-in grid"
         smaller = [b for b in sorted({p["budget"] for p in points.at_method(self.merged, method)} | set(a.budgets))
                    if b < budget]
         for prev in reversed(smaller):
@@ -117,7 +117,7 @@ class Curves(Bench):
                 return centred(best), f"centred on budget {prev}'s best ({best:g})"
             if prev in a.budgets:
                 return [], f"centred on budget {prev}'s best (known once it has run)"
-        return list(LR_GRID[method]), "built-in grid"
+        return lr_grid(method), "built-in grid"
 
     def plan(self) -> list[Task]:
         """The work of this invocation in order; with ``--resume``, without what the results file has."""
@@ -206,8 +206,26 @@ class Curves(Bench):
         if scored:
             t0 = time.perf_counter()
             p.update(self.scored_row(t))
+            if self.args.scale_sweep and t.state is not None:
+                p["scale"] = self.scale_sweep(t)
             p["score_s"] = time.perf_counter() - t0
         return p
+
+    def scale_sweep(self, t: methods.Trained) -> dict:
+        """``--scale-sweep``: validation loss of the trained state times each factor; the best factor (on
+        validation) is scored on the test split like the point itself (test loss, BLEU, chrF)."""
+        from statetune.data.loader import TokenDataset
+        from statetune.objective import dataset_loss
+
+        val = TokenDataset(self.ctx.val_path, self.model.config.vocab_size)
+        losses = [(a, dataset_loss(self.model, val, t.state.scaled(a), self.args.batch_size).loss)
+                  for a in sorted(set(self.args.scale_sweep) | {1.0})]
+        best = min(losses, key=lambda x: (x[1], abs(x[0] - 1)))[0]
+        out = {"val": losses, "best": best}
+        if best != 1.0:
+            row = self.scored_row(methods.Trained(**{**vars(t), "state": t.state.scaled(best)}))
+            out.update({k: row[k] for k in ("test_loss", "bleu", "chrf", "rouge_l", "samples")})
+        return out
 
     def scored_row(self, t: methods.Trained) -> dict:
         from . import measure
@@ -215,9 +233,9 @@ class Curves(Bench):
         base_general = self.mine["baselines"]["zero_shot"].get("general_loss")
         return measure.score(t.model, self.tok, self.probe, t.state, t.weights_changed, base_general)
 
-    def train(self, name: str, budget: int, lr: float, seed: int) -> tuple[methods.Trained, float]:
+    def train(self, name: str, budget: int, lr: float | str, seed: int) -> tuple[methods.Trained, float]:
         t0 = time.perf_counter()
-        t = methods.METHODS[name][0](self.ctx, budget_for(budget, self.args.batch_size), lr, seed)
+        t = methods.get(name)[0](self.ctx, budget_for(budget, self.args.batch_size), lr, seed)
         return t, time.perf_counter() - t0
 
     def add(self, p: dict) -> None:
@@ -250,7 +268,7 @@ class Curves(Bench):
     def sweep(self, name: str, budget: int) -> float:
         grid, note = self.grid_for(name, budget)
         if not grid:  # the previous budget's sweep did not finish: fall back to the built-in grid
-            grid, note = list(LR_GRID[name]), "built-in grid (the previous budget has no result)"
+            grid, note = lr_grid(name), "built-in grid (the previous budget has no result)"
         tried: dict[float, float] = {}
         best: tuple[float, methods.Trained, float] | None = None
         extend = self.args.max_extend if len(grid) > 1 else 0
@@ -280,27 +298,41 @@ class Curves(Bench):
         return lr
 
     def finder(self, name: str, budget: int) -> float:
+        """Pick the rate by search and train at it: state methods through statetune's own ``train --lr auto``
+        (its search, then the run), LoRA and full fine-tuning through the same rule (``find_lr``) over the
+        benchmark's training function."""
         b = self.args.batch_size
         t0 = time.perf_counter()
+        if family(name) == "state":
+            self.ctx.lr_search = (self.args.finder_steps, self.finder_rates(name))
+            t, run_s = self.train(name, budget, "auto", 0)
+            search = t.extra["lr_search"]
+            for trial in search["trials"]:
+                self.log(f"{name} train --lr auto lr={trial['lr']:g}: held-out {trial['loss']}")
+            entry = {"method": name, "budget": budget, "pick": search["lr"], "via": "statetune train --lr auto",
+                     "search_s": sum(x["seconds"] for x in search["trials"]), **search, "invocation": self.id}
+        else:
+            def trial(lr: float, steps: int) -> float:
+                return methods.get(name)[0](self.ctx, budget_for(steps, b), lr, 0).curve[-1][1]
 
-        def trial(lr: float, steps: int) -> float:
-            return methods.METHODS[name][0](self.ctx, budget_for(steps, b), lr, 0).curve[-1][1]
-
-        search = find_lr(trial, rates=self.finder_rates(name), steps=self.args.finder_steps,
-                         on_trial=lambda r: self.log(f"{name} finder lr={r.lr:g}: held-out {r.loss:.4f}"))
-        entry = {"method": name, "budget": budget, "pick": search.lr, "search_s": time.perf_counter() - t0,
-                 **search.as_dict(), "invocation": self.id}
+            found = find_lr(trial, rates=self.finder_rates(name), steps=self.args.finder_steps,
+                            on_trial=lambda r: self.log(f"{name} finder lr={r.lr:g}: held-out {r.loss:.4f}"))
+            entry = {"method": name, "budget": budget, "pick": found.lr, "via": "find_lr over the benchmark's loop",
+                     "search_s": time.perf_counter() - t0, **found.as_dict(), "invocation": self.id}
+            t = None
+        pick = entry["pick"]
         self.mine["finder"] = [f for f in self.mine["finder"] if (f["method"], f["budget"]) != (name, budget)]
         self.mine["finder"].append(entry)
         known = [p for p in points.at(self.merged, name, budget)
-                 if p["lr"] == search.lr and p["seed"] == 0 and p.get("scored")]
-        if known:  # the sweep already trained and scored this rate: the same run, reused
+                 if p["lr"] == pick and p["seed"] == 0 and p.get("scored") and p.get("source") != "finder"]
+        if known:  # the sweep trained and scored this rate already: its point stays (the table reads it)
             self.persist()
         else:
-            t, run_s = self.train(name, budget, search.lr, 0)
-            self.add(self.point(name, budget, search.lr, 0, t, run_s, scored=True, source="finder"))
-        self.log(f"{name} {budget} steps: finder picked lr {search.lr:g} in {entry['search_s']:.0f}s")
-        return search.lr
+            if t is None:
+                t, run_s = self.train(name, budget, pick, 0)
+            self.add(self.point(name, budget, pick, 0, t, run_s, scored=True, source="finder"))
+        self.log(f"{name} {budget} steps: finder picked lr {pick:g} in {entry['search_s']:.0f}s of search")
+        return pick
 
     def seed_run(self, name: str, budget: int, seed: int) -> None:
         lr = self.picked.get((name, budget)) or points.chosen_lr(self.merged, name, budget)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from statetune.fileio import atomic_write
 
-from . import methods, points
+from . import methods, points, report
 
 BEGIN, END = "<!-- quality_curves: begin -->", "<!-- quality_curves: end -->"
 BASELINES = {"zero_shot": "base model, zero-shot", "few_shot": "base model, few-shot"}
 
 
 def label(method: str) -> str:
-    return BASELINES.get(method) or methods.METHODS[method][1]
+    return BASELINES.get(method) or methods.get(method)[1]
 
 
 def _fmt(s: dict, key: str, digits: int) -> str:
@@ -39,6 +39,51 @@ def table(results: dict) -> str:
         lines.append(f"| {label(row['method'])} | {row['budget']} | {row['lr']:g} ({swept}) | {row['seeds']} "
                      f"| {trainable} | {_fmt(s, 'best_val', 3)} | {_fmt(s, 'test_loss', 3)} "
                      f"| {_fmt(s, 'bleu', 1)} | {_fmt(s, 'chrf', 1)} |")
+    return "\n".join(lines)
+
+
+def improvements_table(results: dict) -> str:
+    """At the largest budget: every state method (variants included) at its chosen rate, and, where the
+    points have a ``--scale-sweep``, the same states times the factor validation picked (mean ± std)."""
+    rows = [r for r in points.curve_rows(results) if methods.known(r["method"]) and methods.get(r["method"])[2]]
+    if not rows:
+        return ""
+    top = max(r["budget"] for r in rows)
+    lines = [f"At {top} steps; each row at its method's chosen LR, mean ± std over its seeds.", "",
+             "| state method | LR | seeds | val loss | test loss | BLEU | chrF |", "|---|---:|---:|---|---|---|---|"]
+    for r in (r for r in rows if r["budget"] == top):
+        s = r["summary"]
+        lines.append(f"| {label(r['method'])} | {r['lr']:g} | {r['seeds']} | {_fmt(s, 'best_val', 3)} "
+                     f"| {_fmt(s, 'test_loss', 3)} | {_fmt(s, 'bleu', 1)} | {_fmt(s, 'chrf', 1)} |")
+        runs = [p for p in points.at(results, r["method"], top) if p["lr"] == r["lr"] and p.get("scale")]
+        if runs:
+            scaled = [{**p, **{k: p["scale"][k] for k in ("test_loss", "bleu", "chrf") if k in p["scale"]},
+                       "best_val": min(v for _, v in p["scale"]["val"])} for p in runs]
+            ss = report.summarise(scaled, ("best_val", "test_loss", "bleu", "chrf"))
+            picked = ", ".join(f"{p['scale']['best']:g}" for p in runs)
+            lines.append(f"| ... times the best --state-scale on validation ({picked}) | {r['lr']:g} | {len(runs)} "
+                         f"| {_fmt(ss, 'best_val', 3)} | {_fmt(ss, 'test_loss', 3)} | {_fmt(ss, 'bleu', 1)} "
+                         f"| {_fmt(ss, 'chrf', 1)} |")
+    return "\n".join(lines)
+
+
+def scale_table(results: dict) -> str:
+    """Validation loss against the factor, for every point with a ``--scale-sweep`` (mean over seeds)."""
+    sweeps: dict[tuple[str, int], list[list]] = {}
+    for p in results.get("points", []):
+        if p.get("scale"):
+            sweeps.setdefault((p["method"], p["budget"]), []).append(p["scale"]["val"])
+    if not sweeps:
+        return ""
+    factors = sorted({a for runs in sweeps.values() for run in runs for a, _ in run})
+    lines = ["| state method | budget | seeds | " + " | ".join(f"x{a:g}" for a in factors) + " |",
+             "|---|---:|---:|" + "---:|" * len(factors)]
+    for (method, budget), runs in sorted(sweeps.items(), key=lambda kv: (methods.order(kv[0][0]), kv[0][1])):
+        cells = []
+        for a in factors:
+            vals = [v for run in runs for x, v in run if x == a]
+            cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "–")
+        lines.append(f"| {label(method)} | {budget} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -77,6 +122,12 @@ def section(results: dict, report: Path, plots: tuple[Path, Path]) -> str:
     finder = finder_table(results)
     if finder:
         parts += ["### LR finder against the best fixed rate", "", finder, ""]
+    better = improvements_table(results)
+    if better:
+        parts += ["### State methods and zero-inference-cost variants at the largest budget", "", better, ""]
+    scales = scale_table(results)
+    if scales:
+        parts += ["### Validation loss of a trained state times a factor (`--state-scale`)", "", scales, ""]
     parts += [f"![test loss against budget]({rel[0]})", "", f"![test loss against trainable parameters]({rel[1]})",
               END]
     return "\n".join(parts)
@@ -102,7 +153,7 @@ def plots(results: dict, by_budget: Path, by_params: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = points.curve_rows(results)
-    names = sorted({r["method"] for r in rows}, key=list(methods.METHODS).index)
+    names = sorted({r["method"] for r in rows}, key=methods.order)
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in names:
         rs = sorted((r for r in rows if r["method"] == name and "test_loss" in r["summary"]),
@@ -110,7 +161,7 @@ def plots(results: dict, by_budget: Path, by_params: Path) -> None:
         if rs:
             ax.errorbar([r["budget"] for r in rs], [r["summary"]["test_loss"]["mean"] for r in rs],
                         yerr=[r["summary"]["test_loss"]["std"] for r in rs], marker="o", capsize=3,
-                        ls="-" if methods.METHODS[name][2] else "--", label=label(name))
+                        ls="-" if methods.get(name)[2] else "--", label=label(name))
     for name, b in results.get("baselines", {}).items():
         ax.axhline(b["test_loss"], ls=":", color="grey" if name == "zero_shot" else "black", label=label(name))
     ax.set_xscale("log")

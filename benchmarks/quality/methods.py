@@ -9,6 +9,7 @@ of optimizer steps at the same batch size, the same warmup + cosine schedule dow
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -61,6 +62,7 @@ class Context:
     few_shot_val: float        # ... from the few-shot prompt's state (step 0 of the prompt-init curve)
     lora_rank: int = 1
     shift_lr_scale: float = 1.0  # token-shift states' LR as a fraction of the WKV state's (state_shift only)
+    lr_search: tuple[int, list[float]] = (24, [0.1, 1.0, 10.0, 100.0])  # train --lr auto: steps, rates
 
 
 @dataclass
@@ -81,15 +83,22 @@ class Trained:
 
 # -- state tuning -----------------------------------------------------------------------------------------
 
-def _state_run(ctx: Context, b: Budget, lr: float, seed: int, tag: str, **opts) -> Trained:
-    """One ``statetune train`` run; the state that scored best on validation is the result."""
-    run = ctx.work / f"{tag}-lr{lr:g}-b{b.batch_size}-s{seed}"
+def _state_run(ctx: Context, b: Budget, lr: float | str, seed: int, tag: str, **opts) -> Trained:
+    """One ``statetune train`` run; the state that scored best on validation is the result. With ``lr`` "auto"
+    the run is ``train --lr auto`` (``ctx.lr_search``'s steps and rates; the final rate is train's default
+    0.01 rather than LR/100, as the rate is not known in advance) and ``extra["lr_search"]`` is its log."""
+    run = ctx.work / f"{tag}-lr{lr if lr == 'auto' else format(lr, 'g')}-b{b.batch_size}-s{seed}"
     shutil.rmtree(run, ignore_errors=True)
     logging.getLogger("statetune").setLevel(logging.WARNING)
+    if lr == "auto":
+        opts.update(lr_search_steps=ctx.lr_search[0], lr_search_rates=list(ctx.lr_search[1]))
+    else:
+        opts.update(lr_final=lr * LR_FINAL_RATIO)
     train(TrainOptions(model=str(ctx.model_path), train_data=str(ctx.train_path), val_data=str(ctx.val_path),
-                       out=str(run), max_steps=b.steps, batch_size=b.batch_size, lr=lr, lr_final=lr * LR_FINAL_RATIO,
+                       out=str(run), max_steps=b.steps, batch_size=b.batch_size, lr=lr,
                        warmup_steps=b.warmup, eval_every=b.eval_every, save_every=b.steps, keep_checkpoints=1,
                        samples=0, seed=seed, progress=False, **opts))
+    extra = {"lr_search": json.loads((run / "lr_search.json").read_text())} if lr == "auto" else {}
     events = read_metrics(run / "metrics.jsonl")
     curve = [(e["step"], e["loss"]) for e in events if e["type"] == "val"]
     if opts.get("init") == "prompt":  # step 0 of train's log is the zero state; this run starts elsewhere
@@ -101,7 +110,7 @@ def _state_run(ctx: Context, b: Budget, lr: float, seed: int, tag: str, **opts) 
     train_s = [e["elapsed_s"] for e in events if e["type"] == "train"][-1]  # training steps only, as below
     trained = Trained(trainable=probe.n_trainable(), stored_bytes=best_file.stat().st_size, stored_what="state file",
                       train_s=train_s, curve=curve, best_val=min(v for s, v in curve if s > 0), model=ctx.model,
-                      state=state, weights_changed=False)
+                      state=state, weights_changed=False, extra=extra)
     shutil.rmtree(run, ignore_errors=True)  # checkpoints hold optimizer state (large for encoders)
     return trained
 
@@ -124,6 +133,20 @@ def state_encoder(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
 def state_encoder_global(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
     """The WKV states produced by one MLP encoder shared by all layers."""
     return _state_run(ctx, b, lr, seed, "encoder-global", param="encoder", encoder_scope="global")
+
+
+def state_shift_slow(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
+    """WKV states plus the token-shift vectors at a tenth of the WKV state's rate."""
+    return _state_run(ctx, b, lr, seed, "shift-slow", param="direct", tune_shift=True, shift_lr_scale=0.1)
+
+
+def state_l2(weight: float) -> Method:
+    """Direct WKV tuning with ``train --state-l2 weight`` (the pull toward the initial state)."""
+
+    def run(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
+        return _state_run(ctx, b, lr, seed, f"l2-{weight:g}", param="direct", state_l2=weight)
+
+    return run
 
 
 def state_prompt_init(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
@@ -230,6 +253,42 @@ METHODS: dict[str, tuple[Method, str, bool]] = {
     "state_encoder": (state_encoder, "state tuning through a per-layer encoder", True),
     "state_encoder_global": (state_encoder_global, "state tuning through one global encoder", True),
     "state_prompt_init": (state_prompt_init, "state tuning, direct, initialised from the few-shot prompt", True),
+    "state_shift_slow": (state_shift_slow, "state tuning, direct, WKV + token-shift at 0.1x LR", True),
     "lora": (lora, "LoRA (peft) on att + FFN projections", False),
     "full": (full_finetune, "full fine-tuning of all weights", False),
 }
+#: Methods named with a parameter: ``state_l2_<weight>`` (e.g. ``state_l2_1e-05``), placed after state_direct.
+L2_PREFIX = "state_l2_"
+
+
+def get(name: str) -> tuple[Method, str, bool]:
+    """``(function, description, is a state method)`` of a method name, including the parameterised ones;
+    KeyError for an unknown name."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith(L2_PREFIX):
+        try:
+            weight = float(name[len(L2_PREFIX):])
+        except ValueError:
+            raise KeyError(name) from None
+        if weight > 0 and math.isfinite(weight):
+            return state_l2(weight), f"state tuning, direct, --state-l2 {weight:g}", True
+    raise KeyError(name)
+
+
+def known(name: str) -> bool:
+    try:
+        get(name)
+    except KeyError:
+        return False
+    return True
+
+
+def order(name: str) -> float:
+    """Where a method sits in tables and plots: the built-in order, parameterised ones after state_direct."""
+    names = list(METHODS)
+    if name in names:
+        return names.index(name)
+    if name.startswith(L2_PREFIX) and known(name):
+        return names.index("state_direct") + 0.5 + float(name[len(L2_PREFIX):]) * 1e-9
+    return len(names)

@@ -114,11 +114,11 @@ def chosen_lr(results: dict, method: str, budget: int) -> float | None:
 
 def curve_rows(results: dict) -> list[dict]:
     """One row per (method, budget): the chosen LR, the scored seeds there and their summary."""
-    from .methods import METHODS
+    from .methods import order
 
-    rows, order = [], list(METHODS)
+    rows = []
     pairs = {(p["method"], p["budget"]) for p in results.get("points", [])}
-    for method, budget in sorted(pairs, key=lambda mb: (order.index(mb[0]) if mb[0] in order else len(order), mb[1])):
+    for method, budget in sorted(pairs, key=lambda mb: (order(mb[0]), mb[1])):
         lr = chosen_lr(results, method, budget)
         if lr is None:  # only the LR finder ran here: shown in the finder's table
             continue
