@@ -69,3 +69,28 @@ def test_errors(trained, tmp_path, capsys):
     assert "no such state file" in capsys.readouterr().err
     assert main(["eval", "plot", str(tmp_path)]) == 1
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_generate_penalties_reach_the_decoder(trained, tmp_path):
+    """The penalty flags change what is generated, and the report says which penalties made its numbers."""
+    model, va, run = trained
+    state = str(run / "state-best.safetensors")
+    outs = {}
+    for name, extra in (("plain", []), ("penalised", ["--presence-penalty", "100"])):
+        assert main(["eval", "--model", str(model), "--data", str(va), "--state", state, "--generate",
+                     "--max-tokens", "12", "--max-prompts", "4", "--examples", "4", "--out",
+                     str(tmp_path / name), *extra]) == 0
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        outs[name] = [e["outputs"]["state-best"] for e in report["examples"]]
+        assert report["decoding"]["presence_penalty"] == (100.0 if extra else 0.0)
+    assert outs["plain"] != outs["penalised"], outs
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--penalty-decay", "0", "--penalty-decay: must be in (0, 1]"),
+    ("--repetition-penalty", "0", "--repetition-penalty: must be above 0"),
+])
+def test_bad_penalties_are_usage_errors(trained, capsys, flag, value, message):
+    model, va, _ = trained
+    assert main(["eval", "--model", str(model), "--data", str(va), "--generate", flag, value]) == 2
+    assert message in capsys.readouterr().err

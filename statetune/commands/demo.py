@@ -57,7 +57,7 @@ def demo(opts: DemoOptions) -> int:
     from statetune.data.loader import TokenDataset
     from statetune.data.prepare import PrepareSettings, prepare_dataset, resolve_tokenizer
     from statetune.evaluate.compare import prompts_and_references
-    from statetune.evaluate.generation import greedy_batch
+    from statetune.evaluate.generation import DEFAULT_PENALTIES, greedy_batch
     from statetune.evaluate.metrics import generation_scores
     from statetune.model.checkpoint import load_model
     from statetune.tokenizer import tokenizer_for_vocab
@@ -105,8 +105,10 @@ def demo(opts: DemoOptions) -> int:
     prompts = [p for p, _ in groups]
     refs = [[tok.decode(r).strip() for r in rs] for _, rs in groups]
     with tqdm(total=2 * len(prompts), unit="prompt", dynamic_ncols=True) as bar:
-        base = greedy_batch(model, tok, prompts, None, 96, [tok.eot_id], ["\n"], progress=bar)
-        tuned = greedy_batch(model, tok, prompts, state, 96, [tok.eot_id], ["\n"], progress=bar)
+        base = greedy_batch(model, tok, prompts, None, 96, [tok.eot_id], ["\n"], progress=bar,
+                            penalties=DEFAULT_PENALTIES)
+        tuned = greedy_batch(model, tok, prompts, state, 96, [tok.eot_id], ["\n"], progress=bar,
+                             penalties=DEFAULT_PENALTIES)
     s_base, s_tuned = generation_scores(base, refs), generation_scores(tuned, refs)
 
     print("[4/4] results\n")

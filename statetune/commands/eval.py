@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from statetune.errors import OptionError
+from statetune.evaluate.generation import DEFAULT_PENALTIES
 from statetune.options import flag, h
 from statetune.runtime import STATE_SCALE_HELP, ModelOptions, check_state_scale
 
@@ -25,6 +26,14 @@ class EvalOptions(ModelOptions):
     generate: bool = field(default=False, metadata=h("Also generate for each distinct prompt and score it."))
     max_prompts: int | None = field(default=None, metadata=h("Generate for at most N distinct prompts."))
     max_tokens: int = field(default=96, metadata=h("Longest generation."))
+    repetition_penalty: float = field(default=DEFAULT_PENALTIES["repetition_penalty"], metadata=h(
+        "With --generate: divide the positive logits of tokens already generated (1 = off)."))
+    presence_penalty: float = field(default=DEFAULT_PENALTIES["presence_penalty"], metadata=h(
+        "With --generate: subtract from the logit of every token already generated."))
+    frequency_penalty: float = field(default=DEFAULT_PENALTIES["frequency_penalty"], metadata=h(
+        "With --generate: subtract this times a token's count so far from its logit."))
+    penalty_decay: float = field(default=DEFAULT_PENALTIES["penalty_decay"], metadata=h(
+        "With --generate: fade the counts by this factor per generated token (1 = never)."))
     examples: int = field(default=3, metadata=h("Side-by-side examples in the report."))
     batch_size: int = field(default=8, metadata=h("Sequences per batch for the loss."))
     ctx_len: int = field(default=1024, metadata=h("Segment length for long sequences."))
@@ -44,6 +53,16 @@ class EvalOptions(ModelOptions):
                               f"prompts mean nothing; leave --generate off to skip generation)")
         if self.examples < 0:
             raise OptionError(f"--examples: must not be negative, got {self.examples}")
+        from statetune.infer.sampling import SamplingError, SamplingParams
+
+        try:
+            SamplingParams(**self.penalties())
+        except SamplingError as e:
+            raise OptionError(f"{flag(e.field)}: {e.detail}, got {e.value!r}") from None
+
+    def penalties(self) -> dict[str, float]:
+        """The decoding penalties of ``--generate`` (``SamplingParams`` fields)."""
+        return {k: getattr(self, k) for k in DEFAULT_PENALTIES}
 
 
 def evaluate(opts: EvalOptions) -> int:
@@ -69,8 +88,9 @@ def evaluate(opts: EvalOptions) -> int:
             candidates.append((label, state.scaled(scale)))
     result = compare_states(model, tok, data, candidates, stop, generate=opts.generate, max_prompts=opts.max_prompts,
                             max_tokens=opts.max_tokens, examples=opts.examples, batch_size=opts.batch_size,
-                            ctx_len=opts.ctx_len)
-    report = {"model": Path(opts.model).name, "data": Path(opts.data).name, **result}
+                            ctx_len=opts.ctx_len, penalties=opts.penalties())
+    report = {"model": Path(opts.model).name, "data": Path(opts.data).name, **result,
+              **({"decoding": {"greedy": True, **opts.penalties()}} if opts.generate else {})}
     md = markdown_report(report)
     print(md)
     if opts.out:

@@ -35,9 +35,10 @@ def prompts_and_references(data: TokenDataset, stop_ids: set[int]) -> References
 def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[str, RWKVState | None]],
                    stop: set[int], *, generate: bool = False, max_prompts: int | None = None,
                    max_tokens: int = 96, examples: int = 3, batch_size: int = 8,
-                   ctx_len: int = 1024) -> dict[str, Any]:
+                   ctx_len: int = 1024, penalties: dict[str, float] | None = None) -> dict[str, Any]:
     """One row per candidate ``(name, state)`` (None: the zero state) with loss, perplexity and, with
-    ``generate``, BLEU/chrF/ROUGE-L/exact match; plus up to ``examples`` prompts with every output."""
+    ``generate``, BLEU/chrF/ROUGE-L/exact match (greedy with ``penalties``, see
+    :func:`~statetune.evaluate.generation.greedy_batch`); plus up to ``examples`` prompts with every output."""
     if data.loss_tokens == 0:
         raise DataError(f"--data {data.path}: no record has a loss token (every mask is 0 after the first "
                         f"token), so there is no loss or perplexity to measure")
@@ -52,7 +53,7 @@ def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[
         row = {"name": name, "loss": res.loss, "ppl": res.ppl, "loss_tokens": res.loss_tokens}
         if generate:
             hyps = greedy_batch(model, tokenizer, [p for p, _ in groups], state, max_tokens, sorted(stop),
-                                batch_size=batch_size)
+                                batch_size=batch_size, penalties=penalties)
             row.update(generation_scores(hyps, refs), prompts=len(groups))
             outputs[name] = hyps
         rows.append(row)

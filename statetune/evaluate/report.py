@@ -17,6 +17,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         cells = [fmt.format(r[key]) for key, _, fmt in cols]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['loss_tokens']} |")
+    if "decoding" in report:
+        shown = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in report["decoding"].items() if k != "greedy")
+        lines += ["", f"Generation: greedy; {shown}."]
     for i, ex in enumerate(report.get("examples", []), 1):
         lines += ["", f"### Example {i}", "", f"**Prompt:** `{_one_line(ex['prompt'])}`", ""]
         lines.append(f"- *reference*: {_one_line(ex['references'][0])}")
