@@ -32,11 +32,12 @@ class DemoOptions:
 
     out: str = field(default="statetune-demo", metadata=h("Directory for data, run and state."))
     model: str | None = field(default=None, metadata=h("Model checkpoint (default: the shipped one)."))
-    steps: int | None = field(default=None, metadata=h("Training steps (default: 120; 8 with --quick)."))
+    steps: int | None = field(default=None, metadata=h("Training steps (default: 160; 8 with --quick)."))
     prompts: int | None = field(default=None, metadata=h("Held-out prompts scored with BLEU (default: 32; 4 with "
                                                          "--quick)."))
-    lr: float = field(default=3.0, metadata=h("Peak learning rate of the state (default 3: for this small model, "
-                                              "short runs want more than train's 1.0; see benchmarks/RESULTS.md)."))
+    lr: float = field(default=30.0, metadata=h("Peak learning rate of the state (default 30: the best at 160 steps "
+                                               "for this small model in the learning curves of "
+                                               "benchmarks/RESULTS.md, far above train's 1.0)."))
     quick: bool = field(default=False, metadata=h("A sub-minute smoke run."))
     device: str = field(default="cpu", metadata=h(DEVICE_HELP))
 
@@ -70,7 +71,7 @@ def demo(opts: DemoOptions) -> int:
     model_path = Path(opts.model) if opts.model else asset("tiny-rwkv7", "model.pth")
     if not model_path.is_file():
         raise StatetuneError(f"{model_path}: model not found (the shipped model lives in statetune/assets)")
-    steps = opts.steps or (8 if opts.quick else 120)
+    steps = opts.steps or (8 if opts.quick else 160)
     n_prompts = opts.prompts or (4 if opts.quick else 32)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,9 @@ def demo(opts: DemoOptions) -> int:
     vals = [e for e in read_metrics(run / "metrics.jsonl") if e["type"] == "val"]
     before, after = vals[0]["loss"], min(e["loss"] for e in vals[1:])
 
-    print(f"[3/4] generating for {n_prompts} held-out meaning representations, untuned and tuned", flush=True)
+    print(f"[3/4] generating for {n_prompts} held-out meaning representations, untuned and tuned (greedy, "
+          f"presence/frequency penalties {DEFAULT_PENALTIES['presence_penalty']:g}, decay "
+          f"{DEFAULT_PENALTIES['penalty_decay']:g})", flush=True)
     model = load_model(model_path, device=resolve_device(opts.device))
     tok = tokenizer_for_vocab(model.config.vocab_size)
     state = load_state(run / "state-best.safetensors", model).state
@@ -124,7 +127,8 @@ def demo(opts: DemoOptions) -> int:
     m = model_path
     print(f"\nsaved the tuned state to {state_path} ({state_path.stat().st_size / 1e3:.0f} kB) in "
           f"{time.perf_counter() - t0:.0f} s. Use it:\n"
-          f"  statetune generate --model {m} --state {state_path} --prompt \"name[The Eagle], food[French]\"\n"
+          f"  statetune generate --model {m} --state {state_path} --prompt \"name[The Eagle], food[French]\" "
+          f"--temperature 0 --presence-penalty 0.2 --frequency-penalty 0.2 --penalty-decay 0.996\n"
           f"  statetune eval --model {m} --data {val_path} --state {state_path} --generate\n"
           f"  statetune chat --model {m} --state {state_path}")
     return 0
