@@ -12,6 +12,7 @@ from statetune.cli import main
 from statetune.commands.train import TrainOptions, train
 from statetune.data.loader import TokenDataset
 from statetune.evaluate.compare import prompts_and_references
+from statetune.evaluate.generation import DEFAULT_PENALTIES
 from statetune.evaluate.metrics import generation_scores
 
 
@@ -76,13 +77,15 @@ def test_generate_penalties_reach_the_decoder(trained, tmp_path):
     model, va, run = trained
     state = str(run / "state-best.safetensors")
     outs = {}
-    for name, extra in (("plain", []), ("penalised", ["--presence-penalty", "100"])):
+    plain = ["--presence-penalty", "0", "--frequency-penalty", "0", "--penalty-decay", "1"]
+    for name, extra, presence in (("default", [], DEFAULT_PENALTIES["presence_penalty"]), ("plain", plain, 0.0),
+                                  ("penalised", ["--presence-penalty", "100"], 100.0)):
         assert main(["eval", "--model", str(model), "--data", str(va), "--state", state, "--generate",
                      "--max-tokens", "12", "--max-prompts", "4", "--examples", "4", "--out",
                      str(tmp_path / name), *extra]) == 0
         report = json.loads((tmp_path / f"{name}.json").read_text())
         outs[name] = [e["outputs"]["state-best"] for e in report["examples"]]
-        assert report["decoding"]["presence_penalty"] == (100.0 if extra else 0.0)
+        assert report["decoding"]["presence_penalty"] == presence
     assert outs["plain"] != outs["penalised"], outs
 
 
