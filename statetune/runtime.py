@@ -55,15 +55,13 @@ def dataset_meta(path: str | Path) -> dict[str, Any]:
 def pick_tokenizer(name: str, meta: dict[str, Any], vocab_size: int) -> Tokenizer:
     """The tokenizer named by the flag, else by the dataset's or state's metadata, else by the vocabulary
     size; refused when it has more ids than the model's vocabulary."""
-    from statetune.tokenizer import get_tokenizer, tokenizer_for_vocab
+    from statetune.tokenizer import get_tokenizer, named_tokenizer, tokenizer_for_vocab
 
     check_choice("--tokenizer", name, TOKENIZERS)
     if name != "auto":
         tokenizer = get_tokenizer(name)
     else:
-        named = meta.get("tokenizer")
-        if isinstance(named, dict):
-            named = named.get("name")
+        named = named_tokenizer(meta)
         tokenizer = get_tokenizer(named) if named else tokenizer_for_vocab(vocab_size)
     if tokenizer.vocab_size > vocab_size:
         raise OptionError(f"--tokenizer: {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "

@@ -164,6 +164,14 @@ def tokenizer_name_for_vocab(vocab_size: int) -> str:
         f"(world: {WORLD_VOCAB_SIZE}; bytes: {BYTES_VOCAB_RANGE.start}..{BYTES_VOCAB_RANGE.stop - 1})")
 
 
+def named_tokenizer(meta: dict) -> str | None:
+    """The tokenizer a dataset's or state's metadata names (a string, or ``{"name": ...}``), if any."""
+    named = meta.get("tokenizer")
+    if isinstance(named, dict):
+        named = named.get("name")
+    return named if isinstance(named, str) and named else None
+
+
 def tokenizer_for_vocab(vocab_size: int) -> Tokenizer:
     """The tokenizer for a model whose embedding has ``vocab_size`` rows (65536: world; 257..1024: bytes)."""
     return get_tokenizer(tokenizer_name_for_vocab(vocab_size))

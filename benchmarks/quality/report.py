@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from statetune.fileio import atomic_write
+
 #: Per-run numbers summarised as mean ± std over seeds.
 NUMERIC = ("trainable", "stored_bytes", "train_s", "best_val", "test_loss", "bleu", "chrf", "rouge_l",
            "exact_match", "decode_tokens_per_s", "general_loss", "general_loss_with_state")
@@ -177,5 +179,5 @@ def plot_curves(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from statetune.errors import StatetuneError
+from statetune.fileio import atomic_write
 from statetune.train.metrics import read_metrics
 
 
@@ -38,6 +39,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend()
     fig.tight_layout()
     out_path = Path(out) if out else run / "curves.png"
-    fig.savefig(out_path, dpi=120)
+    # through a temporary file: an interrupted draw never leaves a truncated image under the real name
+    fmt = out_path.suffix.lstrip(".").lower() or "png"
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
     plt.close(fig)
     return out_path

@@ -66,14 +66,6 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, meta
 
 
-def tokenizer_name(meta: dict[str, Any]) -> str | None:
-    """The tokenizer a state's metadata names (a string, or ``{"name": ...}``), if any."""
-    named = meta.get("tokenizer")
-    if isinstance(named, dict):
-        named = named.get("name")
-    return named if isinstance(named, str) and named else None
-
-
 def index_state(path: Path, model, fingerprint: str) -> Header:
     """Check a state file's header against ``model`` (whose fingerprint is given: it is computed once per
     index, not per file) and return what the index keeps.

@@ -26,8 +26,8 @@ from typing import Any
 from statetune.errors import StateFileError, StatetuneError
 from statetune.model.state import RWKVState
 from statetune.prompts import Prompts, stops
-from statetune.serve.index import index_pth, index_state, tokenizer_name
-from statetune.tokenizer import Tokenizer
+from statetune.serve.index import index_pth, index_state
+from statetune.tokenizer import Tokenizer, named_tokenizer
 
 log = logging.getLogger("statetune.serve")
 SUFFIX = ".safetensors"
@@ -235,7 +235,7 @@ class Registry:
     def _index(self, name: str, path: Path, sig: tuple[int, int, int]) -> Entry:
         header = index_pth(path, self.model) if path.suffix in PTH_SUFFIXES else \
             index_state(path, self.model, self.fingerprint)
-        named = tokenizer_name(header.metadata)
+        named = named_tokenizer(header.metadata)
         if named is not None and named != self.tokenizer.name:
             raise StateFileError(f"{path}: the state was trained with the {named!r} tokenizer, but this server "
                                  f"uses {self.tokenizer.name!r}")
