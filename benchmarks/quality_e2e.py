@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     curves.add_argument("--finder-steps", type=int, default=None,
                         help="LR finder: steps per tried rate (default 24; 2 with --quick)")
     curves.add_argument("--resume", action="store_true",
-                        help="skip the points the results file already has (scored), e.g. after --time-limit")
+                        help="skip the points the results file already has, e.g. after --time-limit or a killed run "
+                             "(a sweep trains only the rates it lacks)")
     curves.add_argument("--seeds-only", action="store_true",
                         help="run only the further seeds, at the LRs the results file's sweeps chose")
     curves.add_argument("--scale-sweep", default=None, metavar="A[,A...]",

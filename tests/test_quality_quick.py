@@ -176,3 +176,34 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
     # a file made with another setup is refused, not mixed in
     other = _curves(tmp_path, "--budgets", "3", "--methods", "lora", "--val-records", "3")
     assert other.returncode != 0 and "made with another setup (differs in val_records)" in other.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_training_its_rates_again(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "quality_curves_quick.json"
+    args = ("--budgets", "3", "--methods", "state_direct", "--seeds", "1", "--lr", "state_direct=0.5,0.25",
+            "--max-extend", "0")
+    first = _curves(tmp_path, *args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    res = json.loads(out.read_text())
+    seed0 = {p["lr"]: p for p in res["points"] if p["method"] == "state_direct"}
+    chosen = min(seed0.values(), key=lambda p: p["best_val"])
+    # what a sweep killed while scoring its best leaves on disk: every rate's run, none of them scored
+    chosen["scored"] = False
+    for k in ("test_loss", "bleu", "chrf"):
+        chosen.pop(k)
+    out.write_text(json.dumps(res))
+
+    again = _curves(tmp_path, *args, "--resume")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("(from the results file)") == 2  # neither rate trained again for the sweep ...
+    assert f"retraining lr {chosen['lr']:g} to score it" in again.stdout  # ... only the best, to score it
+    after = {p["lr"]: p for p in json.loads(out.read_text())["points"] if p["method"] == "state_direct"}
+    assert after[chosen["lr"]]["scored"] and "test_loss" in after[chosen["lr"]]
+    assert after[chosen["lr"]]["best_val"] == pytest.approx(chosen["best_val"], rel=1e-5)  # same seed, same run
+    other = 0.75 - chosen["lr"]
+    assert after[other]["invocation"] == seed0[other]["invocation"]  # the other rate's run is the first one's
+
+    # a complete sweep is not run again at all
+    third = _curves(tmp_path, *args, "--resume")
+    assert third.returncode == 0 and "best val" not in third.stdout

@@ -266,24 +266,34 @@ class Curves(Bench):
         self.persist()
 
     def sweep(self, name: str, budget: int) -> float:
+        """Seed 0 at each rate of the grid (extended past an edge that wins); the best is scored.
+
+        Every run is written to the results file as soon as it ends (unscored), so a sweep killed part-way
+        keeps what it tried; with ``--resume`` the rates the file already has are not trained again, and the
+        best of them is retrained (same seed, same result) only if it was never scored.
+        """
         grid, note = self.grid_for(name, budget)
         if not grid:  # the previous budget's sweep did not finish: fall back to the built-in grid
             grid, note = lr_grid(name), "built-in grid (the previous budget has no result)"
+        prior = {p["lr"]: p for p in points.at(self.merged, name, budget)
+                 if p["seed"] == 0 and p.get("source") != "finder"} if self.args.resume else {}
         tried: dict[float, float] = {}
-        best: tuple[float, methods.Trained, float] | None = None
+        best: tuple[float, methods.Trained | None, float] | None = None  # (lr, run if trained here, seconds)
         extend = self.args.max_extend if len(grid) > 1 else 0
         queue = list(grid)
         while queue:
             lr = queue.pop(0)
-            t, run_s = self.train(name, budget, lr, 0)
-            tried[lr] = t.best_val
-            self.log(f"{name} {budget} steps lr={lr:g}: best val {t.best_val:.4f} ({run_s:.0f}s)")
-            if best is None or t.best_val < best[1].best_val:
-                if best is not None:  # the old best is no longer kept: record it unscored
-                    self.add(self.point(name, budget, best[0], 0, best[1], best[2], scored=False))
-                best = (lr, t, run_s)
+            if lr in prior:
+                t, run_s, val = None, prior[lr].get("run_s", 0.0), prior[lr]["best_val"]
+                self.log(f"{name} {budget} steps lr={lr:g}: best val {val:.4f} (from the results file)")
             else:
+                t, run_s = self.train(name, budget, lr, 0)
+                val = t.best_val
                 self.add(self.point(name, budget, lr, 0, t, run_s, scored=False))
+                self.log(f"{name} {budget} steps lr={lr:g}: best val {val:.4f} ({run_s:.0f}s)")
+            if best is None or val < tried[best[0]]:
+                best = (lr, t, run_s)
+            tried[lr] = val
             if not queue and extend > 0:
                 lo, hi = min(tried), max(tried)
                 edge = best[0]
@@ -293,6 +303,12 @@ class Curves(Bench):
                     extend -= 1
         assert best is not None
         lr, t, run_s = best
+        if t is None and prior[lr].get("scored"):
+            self.log(f"{name} {budget} steps: chose lr {lr:g} ({note}; scored earlier)")
+            return lr
+        if t is None:
+            self.log(f"{name} {budget} steps: retraining lr {lr:g} to score it (its run was not scored)")
+            t, run_s = self.train(name, budget, lr, 0)
         self.add(self.point(name, budget, lr, 0, t, run_s, scored=True))
         self.log(f"{name} {budget} steps: chose lr {lr:g} ({note})")
         return lr
