@@ -1,4 +1,4 @@
-"""The learning-curve results file (benchmarks/quality/points.py): merge by (method, budget, LR, seed), the
+"""The learning-curve results file (benchmarks/quality/points.py): merge by (method, budget, LR, seed, source), the
 chosen LR per budget, refusing another setup's file; no training, so it runs in the fast tier."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality import curves, points  # noqa: E402
+from quality import curves, curves_report, points  # noqa: E402
 
 SETUP = {"model": "m.pth", "batch_size": 8}
 
@@ -57,6 +57,22 @@ def test_summary_rows_use_the_chosen_rate_and_ignore_finder_only_rates() -> None
     assert row["lr"] == 3.0 and row["seeds"] == 2 and row["swept"] == [3.0, 10.0]
     assert row["summary"]["test_loss"]["mean"] == pytest.approx(0.94)
 
+
+
+def test_the_finders_run_at_a_swept_rate_sits_beside_the_sweeps_point(tmp_path: Path) -> None:
+    path = tmp_path / "curves.json"
+    sweep = [point("state_direct", 160, 10.0, 0, 0.86, scored=False), point("state_direct", 160, 30.0, 0, 0.84,
+                                                                              test_loss=0.85)]
+    points.save(path, results(sweep, "a"))
+    finder = {"method": "state_direct", "budget": 160, "pick": 10.0, "search_s": 5.0}
+    merged = points.save(path, {**results([point("state_direct", 160, 10.0, 0, 0.87, test_loss=0.88,
+                                                 source="finder")], "b"), "finder": [finder]})
+    at10 = [p for p in merged["points"] if p["lr"] == 10.0]
+    assert sorted(p.get("source", "sweep") for p in at10) == ["finder", "sweep"]  # neither replaced the other
+    (row,) = points.curve_rows(merged)
+    assert row["lr"] == 30.0 and row["swept"] == [10.0, 30.0] and row["seeds"] == 1
+    table = curves_report.finder_table(merged)
+    assert "| 10 | 5 | 0.880 | 30 | 0.850 |" in table  # the finder's own run at its pick, the sweep's at its best
 
 def test_schedule_and_ladder_scale_with_the_budget() -> None:
     b = curves.budget_for(40, 8)

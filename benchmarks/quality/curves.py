@@ -140,12 +140,13 @@ class Curves(Bench):
         return tasks
 
     def has(self, method: str, budget: int, lr: float, seed: int) -> bool:
-        return any(p["lr"] == lr and p["seed"] == seed and p.get("scored")
+        """The sweep (or a further seed) has a scored run at this rate and seed."""
+        return any(p["lr"] == lr and p["seed"] == seed and p.get("scored") and points.is_sweep(p)
                    for p in points.at(self.merged, method, budget))
 
     def swept(self, method: str, budget: int, grid: list[float]) -> bool:
         """Every rate of ``grid`` has a seed-0 run and the best of them was scored."""
-        done = {p["lr"] for p in points.at(self.merged, method, budget) if p["seed"] == 0}
+        done = {p["lr"] for p in points.at(self.merged, method, budget) if p["seed"] == 0 and points.is_sweep(p)}
         best = points.chosen_lr(self.merged, method, budget)
         return bool(grid) and set(grid) <= done and best is not None and self.has(method, budget, best, 0)
 
@@ -276,7 +277,7 @@ class Curves(Bench):
         if not grid:  # the previous budget's sweep did not finish: fall back to the built-in grid
             grid, note = lr_grid(name), "built-in grid (the previous budget has no result)"
         prior = {p["lr"]: p for p in points.at(self.merged, name, budget)
-                 if p["seed"] == 0 and p.get("source") != "finder"} if self.args.resume else {}
+                 if p["seed"] == 0 and points.is_sweep(p)} if self.args.resume else {}
         tried: dict[float, float] = {}
         best: tuple[float, methods.Trained | None, float] | None = None  # (lr, run if trained here, seconds)
         extend = self.args.max_extend if len(grid) > 1 else 0
@@ -340,7 +341,7 @@ class Curves(Bench):
         self.mine["finder"] = [f for f in self.mine["finder"] if (f["method"], f["budget"]) != (name, budget)]
         self.mine["finder"].append(entry)
         known = [p for p in points.at(self.merged, name, budget)
-                 if p["lr"] == pick and p["seed"] == 0 and p.get("scored") and p.get("source") != "finder"]
+                 if p["lr"] == pick and p["seed"] == 0 and p.get("scored") and points.is_sweep(p)]
         if known:  # the sweep trained and scored this rate already: its point stays (the table reads it)
             self.persist()
         else:

@@ -95,10 +95,12 @@ def finder_table(results: dict) -> str:
     lines = ["| method | budget | finder's pick | search (s) | test loss at pick | sweep's LR | test loss at it |",
              "|---|---:|---:|---:|---|---:|---|"]
     for f in rows:
-        at = {p["lr"]: p for p in points.at(results, f["method"], f["budget"]) if p["seed"] == 0}
-        pick = at.get(f["pick"], {})
+        seed0 = [p for p in points.at(results, f["method"], f["budget"]) if p["seed"] == 0 and p.get("scored")]
+        sweep = {p["lr"]: p for p in seed0 if points.is_sweep(p)}
+        own = {p["lr"]: p for p in seed0 if not points.is_sweep(p)}
+        pick = own.get(f["pick"]) or sweep.get(f["pick"], {})  # the finder's own run, else the sweep's
         lr = points.chosen_lr(results, f["method"], f["budget"])
-        best = at.get(lr, {}) if lr is not None else {}
+        best = sweep.get(lr, {}) if lr is not None else {}
         lines.append(f"| {label(f['method'])} | {f['budget']} | {f['pick']:g} | {f['search_s']:.0f} "
                      f"| {pick.get('test_loss', float('nan')):.3f} | {best.get('lr', float('nan')):g} "
                      f"| {best.get('test_loss', float('nan')):.3f} |")
@@ -113,7 +115,8 @@ def section(results: dict, report: Path, plots: tuple[Path, Path]) -> str:
     s = results.get("setup", {})
     parts = [BEGIN, "## Learning curves: every method at several budgets", "",
              "Written by `benchmarks/quality_e2e.py --budgets ...` from the merged results of these invocations "
-             "(each point keyed by method, budget, LR and seed; a point run again replaces the old one):",
+             "(each point keyed by method, budget, LR, seed and whether the sweep or the LR finder ran it; "
+             "a point run again replaces the old one):",
              commands, "",
              f"Budgets are optimizer steps of batch {s.get('batch_size')}; each budget is its own run with warmup "
              "steps/6, cosine to LR/100 and validation every steps/5 steps (best kept). The LR is chosen per "

@@ -1,4 +1,4 @@
-"""The learning-curve results file: points keyed by (method, budget, LR, seed), merged across invocations.
+"""The learning-curve results file: points keyed by (method, budget, LR, seed, source), merged across invocations.
 
 Several invocations (``--methods`` slices, one budget at a time, more seeds later) write into ONE JSON file.
 Each save takes a lock, reads what is on disk, puts this invocation's points over it (a point run again
@@ -18,8 +18,10 @@ from benchio import write_json
 
 from . import report
 
-#: Fields of a point that say which run it is; everything else is what the run measured.
-KEY = ("method", "budget", "lr", "seed")
+#: Fields of a point that say which run it is; everything else is what the run measured. ``source`` is
+#: "sweep" or "finder": the LR finder's run at a rate the sweep also tried is another run (its schedule
+#: comes from ``train --lr auto``), so it sits beside the sweep's point instead of replacing it.
+KEY = ("method", "budget", "lr", "seed", "source")
 #: Per-point numbers summarised as mean ± std over the seeds at a (method, budget)'s chosen LR.
 NUMERIC = ("trainable", "stored_bytes", "train_s", "best_val", "test_loss", "bleu", "chrf", "rouge_l",
            "exact_match", "general_loss")
@@ -30,7 +32,12 @@ class SetupMismatch(SystemExit):
 
 
 def key(point: dict) -> tuple:
-    return tuple(point[k] for k in KEY)
+    return tuple(point.get(k, "sweep") if k == "source" else point[k] for k in KEY)
+
+
+def is_sweep(point: dict) -> bool:
+    """A point of the sweep or of a further seed (not one the LR finder trained)."""
+    return point.get("source", "sweep") != "finder"
 
 
 def empty(setup: dict) -> dict:
@@ -61,7 +68,7 @@ def merge(old: dict, new: dict) -> dict:
     out = dict(old)
     points = {key(p): p for p in old.get("points", [])}
     points.update({key(p): p for p in new.get("points", [])})
-    out["points"] = sorted(points.values(), key=lambda p: (p["method"], p["budget"], p["lr"], p["seed"]))
+    out["points"] = sorted(points.values(), key=key)
     finder = {(f["method"], f["budget"]): f for f in old.get("finder", [])}
     finder.update({(f["method"], f["budget"]): f for f in new.get("finder", [])})
     out["finder"] = sorted(finder.values(), key=lambda f: (f["method"], f["budget"]))
@@ -108,7 +115,7 @@ def at(results: dict, method: str, budget: int) -> list[dict]:
 def chosen_lr(results: dict, method: str, budget: int) -> float | None:
     """The LR whose seed-0 sweep run reached the lowest validation loss at this budget (None before any run);
     a rate only the LR finder tried does not count (the finder is compared against the sweep)."""
-    sweep = [p for p in at(results, method, budget) if p["seed"] == 0 and p.get("source") != "finder"]
+    sweep = [p for p in at(results, method, budget) if p["seed"] == 0 and is_sweep(p)]
     return min(sweep, key=lambda p: p["best_val"])["lr"] if sweep else None
 
 
@@ -122,8 +129,8 @@ def curve_rows(results: dict) -> list[dict]:
         lr = chosen_lr(results, method, budget)
         if lr is None:  # only the LR finder ran here: shown in the finder's table
             continue
-        runs = [p for p in at(results, method, budget) if p["lr"] == lr and p.get("scored")]
-        lrs = sorted({p["lr"] for p in at(results, method, budget) if p["seed"] == 0 and p.get("source") != "finder"})
+        runs = [p for p in at(results, method, budget) if p["lr"] == lr and p.get("scored") and is_sweep(p)]
+        lrs = sorted({p["lr"] for p in at(results, method, budget) if p["seed"] == 0 and is_sweep(p)})
         rows.append({"method": method, "budget": budget, "lr": lr, "swept": lrs, "seeds": len(runs),
                      "summary": report.summarise(runs, NUMERIC)})
     return rows
