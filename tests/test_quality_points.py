@@ -58,7 +58,6 @@ def test_summary_rows_use_the_chosen_rate_and_ignore_finder_only_rates() -> None
     assert row["summary"]["test_loss"]["mean"] == pytest.approx(0.94)
 
 
-
 def test_the_finders_run_at_a_swept_rate_sits_beside_the_sweeps_point(tmp_path: Path) -> None:
     path = tmp_path / "curves.json"
     sweep = [point("state_direct", 160, 10.0, 0, 0.86, scored=False), point("state_direct", 160, 30.0, 0, 0.84,
@@ -73,6 +72,7 @@ def test_the_finders_run_at_a_swept_rate_sits_beside_the_sweeps_point(tmp_path: 
     assert row["lr"] == 30.0 and row["swept"] == [10.0, 30.0] and row["seeds"] == 1
     table = curves_report.finder_table(merged)
     assert "| 10 | 5 | 0.880 | 30 | 0.850 |" in table  # the finder's own run at its pick, the sweep's at its best
+
 
 def test_schedule_and_ladder_scale_with_the_budget() -> None:
     b = curves.budget_for(40, 8)

@@ -146,7 +146,7 @@ class Curves(Bench):
 
     def swept(self, method: str, budget: int, grid: list[float]) -> bool:
         """Every rate of ``grid`` has a seed-0 run and the best of them was scored."""
-        done = {p["lr"] for p in points.at(self.merged, method, budget) if p["seed"] == 0 and points.is_sweep(p)}
+        done = {p["lr"] for p in points.sweep_runs(self.merged, method, budget)}
         best = points.chosen_lr(self.merged, method, budget)
         return bool(grid) and set(grid) <= done and best is not None and self.has(method, budget, best, 0)
 
@@ -276,8 +276,7 @@ class Curves(Bench):
         grid, note = self.grid_for(name, budget)
         if not grid:  # the previous budget's sweep did not finish: fall back to the built-in grid
             grid, note = lr_grid(name), "built-in grid (the previous budget has no result)"
-        prior = {p["lr"]: p for p in points.at(self.merged, name, budget)
-                 if p["seed"] == 0 and points.is_sweep(p)} if self.args.resume else {}
+        prior = {p["lr"]: p for p in points.sweep_runs(self.merged, name, budget)} if self.args.resume else {}
         tried: dict[float, float] = {}
         best: tuple[float, methods.Trained | None, float] | None = None  # (lr, run if trained here, seconds)
         extend = self.args.max_extend if len(grid) > 1 else 0
@@ -340,8 +339,7 @@ class Curves(Bench):
         pick = entry["pick"]
         self.mine["finder"] = [f for f in self.mine["finder"] if (f["method"], f["budget"]) != (name, budget)]
         self.mine["finder"].append(entry)
-        known = [p for p in points.at(self.merged, name, budget)
-                 if p["lr"] == pick and p["seed"] == 0 and p.get("scored") and points.is_sweep(p)]
+        known = [p for p in points.sweep_runs(self.merged, name, budget) if p["lr"] == pick and p.get("scored")]
         if known:  # the sweep trained and scored this rate already: its point stays (the table reads it)
             self.persist()
         else:

@@ -95,9 +95,9 @@ def finder_table(results: dict) -> str:
     lines = ["| method | budget | finder's pick | search (s) | test loss at pick | sweep's LR | test loss at it |",
              "|---|---:|---:|---:|---|---:|---|"]
     for f in rows:
-        seed0 = [p for p in points.at(results, f["method"], f["budget"]) if p["seed"] == 0 and p.get("scored")]
-        sweep = {p["lr"]: p for p in seed0 if points.is_sweep(p)}
-        own = {p["lr"]: p for p in seed0 if not points.is_sweep(p)}
+        sweep = {p["lr"]: p for p in points.sweep_runs(results, f["method"], f["budget"]) if p.get("scored")}
+        own = {p["lr"]: p for p in points.at(results, f["method"], f["budget"])
+               if p["seed"] == 0 and p.get("scored") and not points.is_sweep(p)}
         pick = own.get(f["pick"]) or sweep.get(f["pick"], {})  # the finder's own run, else the sweep's
         lr = points.chosen_lr(results, f["method"], f["budget"])
         best = sweep.get(lr, {}) if lr is not None else {}

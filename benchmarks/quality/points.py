@@ -112,10 +112,15 @@ def at(results: dict, method: str, budget: int) -> list[dict]:
     return [p for p in results.get("points", []) if p["method"] == method and p["budget"] == budget]
 
 
+def sweep_runs(results: dict, method: str, budget: int) -> list[dict]:
+    """The sweep's seed-0 runs at this budget, one per tried rate (the LR finder's runs left out)."""
+    return [p for p in at(results, method, budget) if p["seed"] == 0 and is_sweep(p)]
+
+
 def chosen_lr(results: dict, method: str, budget: int) -> float | None:
     """The LR whose seed-0 sweep run reached the lowest validation loss at this budget (None before any run);
     a rate only the LR finder tried does not count (the finder is compared against the sweep)."""
-    sweep = [p for p in at(results, method, budget) if p["seed"] == 0 and is_sweep(p)]
+    sweep = sweep_runs(results, method, budget)
     return min(sweep, key=lambda p: p["best_val"])["lr"] if sweep else None
 
 
@@ -130,7 +135,7 @@ def curve_rows(results: dict) -> list[dict]:
         if lr is None:  # only the LR finder ran here: shown in the finder's table
             continue
         runs = [p for p in at(results, method, budget) if p["lr"] == lr and p.get("scored") and is_sweep(p)]
-        lrs = sorted({p["lr"] for p in at(results, method, budget) if p["seed"] == 0 and is_sweep(p)})
+        lrs = sorted({p["lr"] for p in sweep_runs(results, method, budget)})
         rows.append({"method": method, "budget": budget, "lr": lr, "swept": lrs, "seeds": len(runs),
                      "summary": report.summarise(runs, NUMERIC)})
     return rows
