@@ -14,6 +14,7 @@ import argparse
 import math
 import signal
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -64,6 +65,67 @@ def save_atomic(obj: object, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+@dataclass
+class Pace:
+    """Where a run stands against its budget; saved in the training state so that a resumed run keeps pace.
+
+    ``sec_per_step`` is measured after ``--measure-steps`` steps and again every ``--replan-every``;
+    ``planned`` is the step the budget is expected to end at; ``progress`` drives the cosine (0 to 1).
+    """
+
+    step: int = 0
+    elapsed: float = 0.0
+    planned: int | None = None
+    sec_per_step: float | None = None
+    progress: float = 0.0
+
+    def advance(self, recent: list[float], left: float, args: argparse.Namespace) -> None:
+        """After a step: remeasure the speed when due (median of ``recent`` step times, plus eval/save
+        overhead), plan the steps that fit in the ``left`` seconds, and move the cosine by this step's share
+        of what is left, so a revised plan changes the pace of the decay without making the LR jump."""
+        if self.step == args.measure_steps or (self.step > args.measure_steps
+                                               and self.step % args.replan_every == 0):
+            self.sec_per_step = sorted(recent)[len(recent) // 2] * 1.03 + 0.02
+        if self.sec_per_step is None:
+            return
+        steps_left = left / self.sec_per_step
+        self.planned = self.step + max(0, round(steps_left))
+        if self.step >= args.warmup:
+            self.progress = 1.0 if steps_left <= 1 else self.progress + (1.0 - self.progress) / steps_left
+
+
+def _restore(state_path: Path, args: argparse.Namespace, model: RWKVBase, opt: torch.optim.Optimizer,
+             gen: torch.Generator) -> tuple[Pace, bool]:
+    """Load a training state into ``model``, ``opt`` and ``gen``; return its pace and whether it had finished.
+    A state trained at another model size is refused, naming the field."""
+    ck = torch.load(state_path, map_location=args.device, weights_only=True)
+    saved = ck["args"]
+    for key in ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_mult"):
+        if saved[key] != getattr(args, key):
+            raise SystemExit(f"--resume: {state_path} was trained with {key}={saved[key]}, "
+                             f"not {getattr(args, key)}")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    gen.set_state(ck["rng"])
+    pace = Pace(**{f.name: ck[f.name] for f in fields(Pace)})
+    return pace, bool(ck.get("done"))
+
+
+def _train_step(model: RWKVBase, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], lr: float,
+                args: argparse.Namespace) -> float:
+    """One AdamW step at ``lr`` (times each group's scale) with gradient clipping; returns the batch's CE."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    x, y = batch
+    logits, _ = model(x.to(args.device))
+    loss, ce = lm_loss(logits, y.to(args.device), args.max_logit_penalty)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    return ce.item()
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run (or resume) training; return the path of the final training state."""
     work = Path(args.work_dir)
@@ -73,25 +135,15 @@ def train(args: argparse.Namespace) -> Path:
     model = new_model(cfg, args.seed, args.device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
     gen = torch.Generator().manual_seed(args.seed)
-    step, elapsed, planned, sec_per_step, progress = 0, 0.0, None, None, 0.0
+    pace = Pace()
     resumed = args.resume and state_path.is_file()
     if resumed:
-        ck = torch.load(state_path, map_location=args.device, weights_only=True)
-        saved = ck["args"]
-        for key in ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_mult"):
-            if saved[key] != getattr(args, key):
-                raise SystemExit(f"--resume: {STATE_FILE} was trained with {key}={saved[key]}, "
-                                 f"not {getattr(args, key)}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["rng"])
-        step, elapsed, planned, sec_per_step = ck["step"], ck["elapsed"], ck["planned"], ck["sec_per_step"]
-        progress = ck["progress"]
-        if ck.get("done"):
-            print(f"{state_path}: training already finished at step {step}", flush=True)
+        pace, done = _restore(state_path, args, model, opt, gen)
+        if done:
+            print(f"{state_path}: training already finished at step {pace.step}", flush=True)
             return state_path
-        print(f"resumed from {state_path}: step {step}, {elapsed / 60:.1f} min done", flush=True)
-    metrics = MetricsLog(work, resume_step=step if resumed else -1)  # a fresh run starts a fresh log
+        print(f"resumed from {state_path}: step {pace.step}, {pace.elapsed / 60:.1f} min done", flush=True)
+    metrics = MetricsLog(work, resume_step=pace.step if resumed else -1)  # a fresh run starts a fresh log
     train_tokens = load_tokens(Path(args.corpus) / "train.txt")
     val_tokens = load_tokens(Path(args.corpus) / "val.txt")
     n_params = sum(p.numel() for p in model.parameters())
@@ -110,76 +162,59 @@ def train(args: argparse.Namespace) -> Path:
     signal.signal(signal.SIGINT, on_signal)
 
     def save(done: bool = False) -> None:
-        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(), "step": step,
-                     "elapsed": elapsed, "planned": planned, "sec_per_step": sec_per_step, "done": done,
-                     "progress": progress,
-                     "args": vars(args), "n_params": n_params}, state_path)
+        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(),
+                     **asdict(pace), "done": done, "args": vars(args), "n_params": n_params}, state_path)
 
     data = batches(train_tokens, args.batch, args.ctx, gen)
     recent: list[float] = []        # seconds of the latest steps
     losses: list[float] = []
     last_save = last_eval = time.monotonic()
-    run_start = time.monotonic() - elapsed
-    warmup = args.warmup
+    run_start = time.monotonic() - pace.elapsed
     while True:
-        elapsed = time.monotonic() - run_start
-        if progress >= 1.0:
+        pace.elapsed = time.monotonic() - run_start
+        if pace.progress >= 1.0:
             break
-        if elapsed >= budget:
-            print(f"budget reached at step {step}", flush=True)
+        if pace.elapsed >= budget:
+            print(f"budget reached at step {pace.step}", flush=True)
             break
         if stop["signal"] is not None:
             save()
-            print(f"signal {stop['signal']}: saved {state_path} at step {step}; rerun with --resume", flush=True)
+            print(f"signal {stop['signal']}: saved {state_path} at step {pace.step}; rerun with --resume",
+                  flush=True)
             raise SystemExit(128 + stop["signal"])
-        lr = budget_lr(step, progress, args.lr, args.lr * args.final_lr_frac, warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        lr = budget_lr(pace.step, pace.progress, args.lr, args.lr * args.final_lr_frac, args.warmup)
         t0 = time.monotonic()
-        x, y = next(data)
-        logits, _ = model(x.to(args.device))
-        loss, ce = lm_loss(logits, y.to(args.device), args.max_logit_penalty)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        step += 1
-        losses.append(ce.item())
+        losses.append(_train_step(model, opt, next(data), lr, args))
+        pace.step += 1
         recent = (recent + [time.monotonic() - t0])[-args.plan_window:]
-        # (re)plan the total number of steps so that the cosine ends with the budget
-        left = budget - (time.monotonic() - run_start)
-        if step == args.measure_steps or (step > args.measure_steps and step % args.replan_every == 0):
-            sec_per_step = sorted(recent)[len(recent) // 2] * 1.03 + 0.02   # median, plus eval/save overhead
-        if sec_per_step is not None:
-            steps_left = left / sec_per_step
-            planned = step + max(0, round(steps_left))
-            if step >= warmup:
-                progress = 1.0 if steps_left <= 1 else progress + (1.0 - progress) / steps_left
-            if step == args.measure_steps:
-                print(f"measured {sec_per_step:.2f} s/step ({tokens_per_step / sec_per_step:.0f} tokens/s): "
-                      f"planning {planned} steps = {planned * tokens_per_step / 1e6:.1f}M tokens", flush=True)
-        if step % args.log_every == 0:
+        first_plan = pace.sec_per_step is None
+        pace.advance(recent, budget - (time.monotonic() - run_start), args)
+        if first_plan and pace.sec_per_step is not None:
+            print(f"measured {pace.sec_per_step:.2f} s/step ({tokens_per_step / pace.sec_per_step:.0f} "
+                  f"tokens/s): planning {pace.planned} steps = {pace.planned * tokens_per_step / 1e6:.1f}M "
+                  "tokens", flush=True)
+        if pace.step % args.log_every == 0:
             mean = sum(losses) / len(losses)
             losses = []
             now = time.monotonic() - run_start
-            metrics.log("train", step, tokens=step * tokens_per_step, elapsed_s=round(now, 1), lr=lr,
-                        loss=round(mean, 5), planned=planned,
+            metrics.log("train", pace.step, tokens=pace.step * tokens_per_step, elapsed_s=round(now, 1), lr=lr,
+                        loss=round(mean, 5), planned=pace.planned,
                         tokens_per_s=round(tokens_per_step / (sum(recent) / len(recent)), 1))
-            print(f"step {step}/{planned} {now / 60:.1f} min lr {lr:.2e} loss {mean:.4f} "
+            print(f"step {pace.step}/{pace.planned} {now / 60:.1f} min lr {lr:.2e} loss {mean:.4f} "
                   f"({mean / math.log(2):.3f} bits) {tokens_per_step * len(recent) / sum(recent):.0f} tok/s",
                   flush=True)
         if time.monotonic() - last_eval >= args.eval_every_min * 60:
-            evaluate_and_log(model, val_tokens, metrics, step, tokens_per_step, run_start, args)
+            evaluate_and_log(model, val_tokens, metrics, pace.step, tokens_per_step, run_start, args)
             last_eval = time.monotonic()
         if time.monotonic() - last_save >= args.save_every_min * 60:
-            elapsed = time.monotonic() - run_start
+            pace.elapsed = time.monotonic() - run_start
             save()
             last_save = time.monotonic()
-    elapsed = time.monotonic() - run_start
-    evaluate_and_log(model, val_tokens, metrics, step, tokens_per_step, run_start, args)
+    pace.elapsed = time.monotonic() - run_start
+    evaluate_and_log(model, val_tokens, metrics, pace.step, tokens_per_step, run_start, args)
     save(done=True)
-    print(f"training done: {step} steps, {step * tokens_per_step / 1e6:.1f}M tokens, {elapsed / 60:.1f} min",
-          flush=True)
+    print(f"training done: {pace.step} steps, {pace.step * tokens_per_step / 1e6:.1f}M tokens, "
+          f"{pace.elapsed / 60:.1f} min", flush=True)
     return state_path
 
 
