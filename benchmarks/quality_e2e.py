@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = {m for m in args.methods if not methods.known(m)}
     if unknown:
         ap.error(f"--methods: unknown {sorted(unknown)} (choose from {', '.join(methods.METHODS)}, or "
-                 f"{methods.L2_PREFIX}WEIGHT)")
+                 f"{methods.PARAMETERISED_USAGE})")
     args.lr_grid = dict(parse_lr_grid(ap, item) for item in args.lr_grid)
     stem = "quality_e2e_quick" if args.quick else "quality_e2e"
     args.json = args.results_dir / f"{stem}.json"
@@ -145,7 +145,7 @@ def parse_lr_grid(ap: argparse.ArgumentParser, item: str) -> tuple[str, list[flo
     name, _, rates = item.partition("=")
     if not methods.known(name):
         ap.error(f"--lr {item}: unknown method {name!r} (choose from {', '.join(methods.METHODS)}, or "
-                 f"{methods.L2_PREFIX}WEIGHT)")
+                 f"{methods.PARAMETERISED_USAGE})")
     try:
         grid = [float(r) for r in rates.split(",") if r.strip()]
     except ValueError:

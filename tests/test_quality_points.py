@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality import curves, curves_report, points  # noqa: E402
+from quality import curves, curves_report, methods, points  # noqa: E402
 
 SETUP = {"model": "m.pth", "batch_size": 8}
 
@@ -80,3 +80,14 @@ def test_schedule_and_ladder_scale_with_the_budget() -> None:
     assert (curves.budget_for(640, 8).warmup, curves.budget_for(640, 8).eval_every) == (106, 128)
     assert curves.centred(10.0) == [10.0, 3.0, 30.0] and curves.centred(0.003) == [0.003, 0.001, 0.01]
     assert curves.centred(1e-3) == [0.001, 0.0003, 0.003]
+
+
+def test_parameterised_method_names_carry_their_value_and_sort_after_the_direct_state() -> None:
+    assert methods.get("state_ema_0.99")[1] == "state tuning, direct, --ema 0.99"
+    assert methods.get("state_l2_1e-09")[1] == "state tuning, direct, --state-l2 1e-09"
+    for bad in ("state_ema_1", "state_ema_0", "state_ema_x", "state_l2_0", "state_l2_inf", "state_other_1"):
+        assert not methods.known(bad), bad
+    names = ["lora", "state_ema_0.999", "state_l2_1e-08", "state_ema_0.9", "state_l2_1e-10", "state_direct",
+             "state_encoder"]
+    assert sorted(names, key=methods.order) == ["state_direct", "state_l2_1e-10", "state_l2_1e-08", "state_ema_0.9",
+                                                "state_ema_0.999", "state_encoder", "lora"]

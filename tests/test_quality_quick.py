@@ -163,7 +163,7 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
 
     # a parameterised method (train --state-l2) and --scale-sweep: each scored state point gets the
     # validation loss of its state times each factor, and the largest budget's table lists both
-    l2 = _curves(tmp_path, "--budgets", "3", "--methods", "state_l2_0.001", "--scale-sweep", "0,0.5")
+    l2 = _curves(tmp_path, "--budgets", "3", "--methods", "state_l2_0.001,state_ema_0.5", "--scale-sweep", "0,0.5")
     assert l2.returncode == 0, l2.stdout[-3000:] + l2.stderr[-3000:]
     res4 = json.loads(out.read_text())
     (pt,) = [p for p in res4["points"] if p["method"] == "state_l2_0.001"]
@@ -171,6 +171,7 @@ def test_curves_invocations_merge_into_one_results_file(tmp_path: Path) -> None:
     assert pt["scale"]["val"][-1][1] == pytest.approx(pt["best_val"], rel=1e-4)  # x1 is the state itself
     md = (tmp_path / "results/quality_curves_quick.md").read_text()
     assert "| state tuning, direct, --state-l2 0.001 |" in md and "times the best --state-scale" in md
+    assert md.index("| state tuning, direct, --state-l2 0.001 |") < md.index("| state tuning, direct, --ema 0.5 |")
     assert "### Validation loss of a trained state times a factor" in md
 
     # a file made with another setup is refused, not mixed in

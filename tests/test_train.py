@@ -135,19 +135,43 @@ def test_state_file_says_how_it_was_made(task, tmp_path):
     assert raw == json.dumps(json.loads(raw), sort_keys=True)  # sorted JSON, as the format promises
 
 
+def test_ema_saves_the_moving_average_and_leaves_training_alone(task, tmp_path):
+    """``--ema 0.8``: the optimizer's trajectory is that of a run without it (same checkpoints), and
+    state-final is the average of that trajectory, warmed-up decay min(0.8, (1 + t) / (10 + t)) after step t."""
+    common = dict(max_steps=6, eval_every=6, save_every=1, keep_checkpoints=10, warmup_steps=1)
+    run(task, tmp_path / "plain", **common)
+    run(task, tmp_path / "ema", ema=0.8, **common)
+    ema = torch.zeros(1)
+    for t in range(1, 7):
+        plain = torch.load(tmp_path / "plain" / "checkpoints" / f"step-{t:08d}.pt", weights_only=True)
+        averaged = torch.load(tmp_path / "ema" / "checkpoints" / f"step-{t:08d}.pt", weights_only=True)
+        raw = averaged["tunable"]["wkv"]
+        torch.testing.assert_close(raw, plain["tunable"]["wkv"], rtol=0, atol=0)
+        decay = min(0.8, (1 + t) / (10 + t))
+        ema = decay * ema + (1 - decay) * raw
+    final = statetune.load_state(tmp_path / "ema" / "state-final.safetensors").state
+    torch.testing.assert_close(final.wkv, ema, rtol=1e-5, atol=1e-6)
+    unaveraged = statetune.load_state(tmp_path / "plain" / "state-final.safetensors").state
+    assert not torch.allclose(final.wkv, unaveraged.wkv)
+    trained = statetune.load_state(tmp_path / "ema" / "state-final.safetensors").metadata["trained"]
+    assert trained["optim"]["ema"] == 0.8
+
+
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "statetune", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=REPO, timeout=300)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault,returncode", [("7", -9), ("7:INT", 130)], ids=["sigkill", "ctrl-c"])
-def test_interrupted_run_resumes_exactly(task, tmp_path, fault, returncode):
+@pytest.mark.parametrize("fault,returncode,extra", [("7", -9, []), ("7:INT", 130, []), ("7", -9, ["--ema", "0.9"])],
+                         ids=["sigkill", "ctrl-c", "sigkill-ema"])
+def test_interrupted_run_resumes_exactly(task, tmp_path, fault, returncode, extra):
     """Killed (SIGKILL: resume from the step-4 checkpoint) or interrupted (Ctrl-C: a checkpoint is saved at
     step 7, off the schedule), the resumed run ends with the same state as an uninterrupted one."""
     model, tr, va = task
     common = ["train", "--model", str(model), "--train-data", str(tr), "--val-data", str(va), "--max-steps", "12",
-              "--batch-size", "8", "--eval-every", "5", "--save-every", "4", "--no-progress", "--threads", "1"]
+              "--batch-size", "8", "--eval-every", "5", "--save-every", "4", "--no-progress", "--threads", "1",
+              *extra]
     assert _cli([*common, "--out", str(tmp_path / "full")]).returncode == 0
     cut = _cli([*common, "--out", str(tmp_path / "cut")], env={"STATETUNE_KILL_AT_STEP": fault})
     assert cut.returncode == returncode, cut.stderr

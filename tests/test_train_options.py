@@ -71,6 +71,8 @@ def test_unknown_or_misplaced_keys_are_refused_by_name(tmp_path, text, match):
     ({"dtype": "fp8"}, "--dtype: expected one of auto, fp32, bf16, fp16, got 'fp8'"),
     ({"lr": -1.0}, "--lr: must not be negative"),
     ({"beta1": 1.0}, "--beta1: AdamW needs a value in [0, 1)"),
+    ({"ema": 1.0}, "--ema: the average's decay must be in [0, 1), got 1.0"),
+    ({"ema": -0.5}, "--ema: the average's decay must be in [0, 1)"),
     ({"save_every": 0}, "--save-every: must be at least 1"),
     ({"init": "prompt"}, "--init prompt needs --init-prompt TEXT"),
 ])

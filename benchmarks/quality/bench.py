@@ -46,8 +46,8 @@ QUICK = {"steps": 3, "batch_size": 2, "eval_every": 3, "seeds": 1, "val_records"
 
 
 def lr_grid(name: str) -> list[float]:
-    """A method's built-in LR grid (the parameterised L2 methods take direct tuning's)."""
-    return list(LR_GRID.get(name) or LR_GRID["state_direct" if name.startswith(methods.L2_PREFIX) else name])
+    """A method's built-in LR grid (the parameterised methods take direct tuning's)."""
+    return list(LR_GRID.get(name) or LR_GRID["state_direct" if methods.parameterised(name) else name])
 
 
 def rel(path: Path | str) -> str:

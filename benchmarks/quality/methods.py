@@ -149,6 +149,15 @@ def state_l2(weight: float) -> Method:
     return run
 
 
+def state_ema(decay: float) -> Method:
+    """Direct WKV tuning with ``train --ema decay``: validated and saved as a moving average."""
+
+    def run(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
+        return _state_run(ctx, b, lr, seed, f"ema-{decay:g}", param="direct", ema=decay)
+
+    return run
+
+
 def state_prompt_init(ctx: Context, b: Budget, lr: float, seed: int) -> Trained:
     """Direct WKV tuning starting from the state after the few-shot prompt (instead of zeros)."""
     return _state_run(ctx, b, lr, seed, "prompt-init", param="direct", init="prompt", init_prompt=ctx.few_shot)
@@ -257,8 +266,27 @@ METHODS: dict[str, tuple[Method, str, bool]] = {
     "lora": (lora, "LoRA (peft) on att + FFN projections", False),
     "full": (full_finetune, "full fine-tuning of all weights", False),
 }
-#: Methods named with a parameter: ``state_l2_<weight>`` (e.g. ``state_l2_1e-05``), placed after state_direct.
-L2_PREFIX = "state_l2_"
+#: Methods named with a parameter, placed after state_direct: prefix -> (method of the value, description
+#: of the value, whether the value is allowed). ``state_l2_1e-05`` is ``--state-l2 1e-05``, ``state_ema_0.99``
+#: is ``--ema 0.99``.
+PARAMETERISED: dict[str, tuple[Callable[[float], Method], str, Callable[[float], bool]]] = {
+    "state_l2_": (state_l2, "state tuning, direct, --state-l2 {:g}", lambda w: w > 0 and math.isfinite(w)),
+    "state_ema_": (state_ema, "state tuning, direct, --ema {:g}", lambda d: 0 < d < 1),
+}
+#: How the parameterised names are written, for usage errors.
+PARAMETERISED_USAGE = "state_l2_WEIGHT, state_ema_DECAY"
+
+
+def parameterised(name: str) -> tuple[str, float] | None:
+    """``(prefix, value)`` of a parameterised method name with an allowed value, else None."""
+    for prefix, (_, _, allowed) in PARAMETERISED.items():
+        if name.startswith(prefix):
+            try:
+                value = float(name[len(prefix):])
+            except ValueError:
+                return None
+            return (prefix, value) if allowed(value) else None
+    return None
 
 
 def get(name: str) -> tuple[Method, str, bool]:
@@ -266,14 +294,12 @@ def get(name: str) -> tuple[Method, str, bool]:
     KeyError for an unknown name."""
     if name in METHODS:
         return METHODS[name]
-    if name.startswith(L2_PREFIX):
-        try:
-            weight = float(name[len(L2_PREFIX):])
-        except ValueError:
-            raise KeyError(name) from None
-        if weight > 0 and math.isfinite(weight):
-            return state_l2(weight), f"state tuning, direct, --state-l2 {weight:g}", True
-    raise KeyError(name)
+    found = parameterised(name)
+    if found is None:
+        raise KeyError(name)
+    prefix, value = found
+    make, describe, _ = PARAMETERISED[prefix]
+    return make(value), describe.format(value), True
 
 
 def known(name: str) -> bool:
@@ -284,11 +310,14 @@ def known(name: str) -> bool:
     return True
 
 
-def order(name: str) -> float:
-    """Where a method sits in tables and plots: the built-in order, parameterised ones after state_direct."""
+def order(name: str) -> tuple[float, float]:
+    """Where a method sits in tables and plots (a sort key): the built-in order, parameterised ones after
+    state_direct, grouped by prefix and by value within a group."""
     names = list(METHODS)
     if name in names:
-        return names.index(name)
-    if name.startswith(L2_PREFIX) and known(name):
-        return names.index("state_direct") + 0.5 + float(name[len(L2_PREFIX):]) * 1e-9
-    return len(names)
+        return names.index(name), 0.0
+    found = parameterised(name)
+    if found is not None:
+        prefix, value = found
+        return names.index("state_direct") + 0.5 + list(PARAMETERISED).index(prefix) * 0.1, value
+    return len(names), 0.0

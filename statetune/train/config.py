@@ -67,6 +67,10 @@ class OptimConfig:
     grad_clip: float = field(default=1.0, metadata=h("Clip the global gradient norm (0 disables)."))
     state_l2: float = field(default=0.0, metadata=h("Add STATE_L2 * sum((state - initial state)^2) to the loss: "
                                                     "keeps the tuned state near where it started (0 = off)."))
+    ema: float = field(default=0.0, metadata=h(
+        "Validate and save an exponential moving average of the trained parameters with this decay (e.g. "
+        "0.99; warmed up over the first steps; 0 = off). The optimizer still steps the raw parameters.",
+        metavar="DECAY"))
     lr_search_steps: int = field(default=24, metadata=h("With --lr auto: optimizer steps per tried rate."))
     lr_search_rates: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0], metadata=h(
         "With --lr auto: the rates tried first (then the midpoints around the best)."))
@@ -77,6 +81,8 @@ class OptimConfig:
         _at_least(self, ("lr_search_steps",), 1)
         if not self.lr_search_rates or any(r <= 0 for r in self.lr_search_rates):
             raise OptionError(f"--lr-search-rates: need positive rates, got {self.lr_search_rates}")
+        if not 0.0 <= self.ema < 1.0:
+            raise OptionError(f"--ema: the average's decay must be in [0, 1), got {self.ema}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise OptionError(f"--{name}: AdamW needs a value in [0, 1), got {getattr(self, name)}")

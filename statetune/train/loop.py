@@ -11,6 +11,7 @@ import logging
 import math
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from statetune.train import guard, rundir
 from statetune.train.checkpoint import load_latest, save_checkpoint
 from statetune.train.config import TrainConfig
 from statetune.train.distributed import Dist, init_distributed
+from statetune.train.ema import ParamEMA
 from statetune.train.lr_search import search_lr
 from statetune.train.metrics import MetricsLog
 from statetune.train.samples import sample_generations
@@ -68,6 +70,7 @@ class Run:
         # every step sets its own rate (lr_at); "auto" is settled by search_lr before the first one
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(optim.beta1, optim.beta2),
                                            weight_decay=optim.weight_decay)
+        self.ema = ParamEMA(self.params, optim.ema) if optim.ema > 0 else None
         self.global_size = config.batch_size * config.grad_accum * d.world
         steps_per_epoch = math.ceil(len(self.train_data) / self.global_size)
         self.total_steps = config.schedule.max_steps or max(1, math.ceil(config.schedule.epochs * steps_per_epoch))
@@ -86,7 +89,8 @@ class Run:
                 "baseline_val": self.baseline_val,
                 "bad_evals": self.bad_evals, "elapsed": self.elapsed, "tunable": self.tunable.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "data": self.fingerprint,
-                "model_fingerprint": self.model.fingerprint()}
+                "model_fingerprint": self.model.fingerprint(),
+                **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def restore(self, ck: dict) -> None:
         try:
@@ -101,6 +105,11 @@ class Run:
             raise CheckpointError(f"{self.run_dir}: the checkpoint's optimizer does not match this run's "
                                   f"trainable parameters ({e}); it was written by an older statetune: start "
                                   f"a new run, with --init STATE to continue from its state") from None
+        if self.ema is not None:
+            if "ema" not in ck:
+                raise CheckpointError(f"{self.run_dir}: the checkpoint has no moving average for --ema; it was "
+                                      f"written without --ema: resume without it, or start a new run")
+            self.ema.load_state_dict(ck["ema"])
         torch.set_rng_state(ck["rng"])
         for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_val", "last_val", "baseline_val",
                   "bad_evals", "elapsed"):
@@ -147,7 +156,8 @@ class Run:
             rundir.write_lr_search(self.run_dir, self.lr_search)
 
     def current_state(self):
-        with torch.no_grad():
+        """The state to validate and save: the trained one, or its moving average with ``--ema``."""
+        with torch.no_grad(), self.ema.applied() if self.ema else nullcontext():
             return self.tunable().detach()
 
     # -- one optimizer step --------------------------------------------------------------------------------
@@ -157,6 +167,8 @@ class Run:
         stats = take_step(self.model, self.train_data, batches[self.batch_in_epoch], self.tunable, self.optimizer,
                           self.params, o, self.d, lr)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         self.batch_in_epoch += 1
         self.tokens_seen += stats.pop("tokens")
         return {**stats, "lr": lr, "tokens": self.tokens_seen}
