@@ -266,26 +266,35 @@ METHODS: dict[str, tuple[Method, str, bool]] = {
     "lora": (lora, "LoRA (peft) on att + FFN projections", False),
     "full": (full_finetune, "full fine-tuning of all weights", False),
 }
-#: Methods named with a parameter, placed after state_direct: prefix -> (method of the value, description
-#: of the value, whether the value is allowed). ``state_l2_1e-05`` is ``--state-l2 1e-05``, ``state_ema_0.99``
-#: is ``--ema 0.99``.
-PARAMETERISED: dict[str, tuple[Callable[[float], Method], str, Callable[[float], bool]]] = {
-    "state_l2_": (state_l2, "state tuning, direct, --state-l2 {:g}", lambda w: w > 0 and math.isfinite(w)),
-    "state_ema_": (state_ema, "state tuning, direct, --ema {:g}", lambda d: 0 < d < 1),
+@dataclass(frozen=True)
+class Parameterised:
+    """A family of methods named ``<prefix><value>``: ``state_l2_1e-05`` is ``train --state-l2 1e-05``."""
+
+    make: Callable[[float], Method]  # the method of a value
+    describe: str                    # its table label, formatted with the value
+    allowed: Callable[[float], bool]
+    placeholder: str                 # how the value is written in usage errors
+
+
+#: The parameterised families (placed after state_direct in tables and plots), by prefix.
+PARAMETERISED: dict[str, Parameterised] = {
+    "state_l2_": Parameterised(state_l2, "state tuning, direct, --state-l2 {:g}",
+                               lambda w: w > 0 and math.isfinite(w), "WEIGHT"),
+    "state_ema_": Parameterised(state_ema, "state tuning, direct, --ema {:g}", lambda d: 0 < d < 1, "DECAY"),
 }
 #: How the parameterised names are written, for usage errors.
-PARAMETERISED_USAGE = "state_l2_WEIGHT, state_ema_DECAY"
+PARAMETERISED_USAGE = ", ".join(prefix + f.placeholder for prefix, f in PARAMETERISED.items())
 
 
 def parameterised(name: str) -> tuple[str, float] | None:
     """``(prefix, value)`` of a parameterised method name with an allowed value, else None."""
-    for prefix, (_, _, allowed) in PARAMETERISED.items():
+    for prefix, family in PARAMETERISED.items():
         if name.startswith(prefix):
             try:
                 value = float(name[len(prefix):])
             except ValueError:
                 return None
-            return (prefix, value) if allowed(value) else None
+            return (prefix, value) if family.allowed(value) else None
     return None
 
 
@@ -298,8 +307,8 @@ def get(name: str) -> tuple[Method, str, bool]:
     if found is None:
         raise KeyError(name)
     prefix, value = found
-    make, describe, _ = PARAMETERISED[prefix]
-    return make(value), describe.format(value), True
+    family = PARAMETERISED[prefix]
+    return family.make(value), family.describe.format(value), True
 
 
 def known(name: str) -> bool:

@@ -52,7 +52,8 @@ class ParamEMA:
                     p.copy_(v)
 
     def state_dict(self) -> list[Tensor]:
-        return [s.clone() for s in self.shadow]
+        """The average, for a checkpoint (written as it is; :meth:`load_state_dict` copies on the way in)."""
+        return list(self.shadow)
 
     def load_state_dict(self, shadow: list[Tensor]) -> None:
         if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow,
