@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from statetune.errors import OptionError
-from statetune.model.convert import LAYOUTS, convert_checkpoint
+from statetune.model.convert import LAYOUTS, TOKENIZER_CHOICES, convert_checkpoint
+from statetune.model.hf_layouts import DEFAULT_LAYOUT
+from statetune.model.hf_layouts import LAYOUTS as HF_LAYOUTS
 from statetune.options import h
 
 DTYPES = ("keep", "fp32", "bf16", "fp16")
@@ -37,6 +39,11 @@ class ModelConvertOptions:
     dtype: str = field(default="keep", metadata=h(f"Weight dtype to write: {', '.join(DTYPES)}."))
     max_shard_size: str = field(default="", metadata=h("--to hf: split the weights into safetensors shards "
                                                         "of at most this size (e.g. 5GB); default one file."))
+    layout: str = field(default=DEFAULT_LAYOUT, metadata=h(
+        f"--to hf: which Hugging Face layout: {', '.join(HF_LAYOUTS)} (flash-linear-attention's "
+        f"RWKV7ForCausalLM, or the transformers-native Rwkv7ForCausalLM)."))
+    tokenizer: str = field(default="auto", metadata=h(
+        f"--to hf: tokenizer files to write: {', '.join(TOKENIZER_CHOICES)} (auto: by the vocabulary size)."))
 
     def __post_init__(self) -> None:
         if not self.to:
@@ -46,6 +53,11 @@ class ModelConvertOptions:
         if self.dtype not in DTYPES:
             raise OptionError(f"--dtype: unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         parse_size(self.max_shard_size, "--max-shard-size")
+        if self.layout not in HF_LAYOUTS:
+            raise OptionError(f"--layout: unknown layout {self.layout!r}; choose from {', '.join(HF_LAYOUTS)}")
+        if self.tokenizer not in TOKENIZER_CHOICES:
+            raise OptionError(f"--tokenizer: unknown choice {self.tokenizer!r}; "
+                              f"choose from {', '.join(TOKENIZER_CHOICES)}")
 
 
 def convert(opts: ModelConvertOptions) -> int:
@@ -54,6 +66,7 @@ def convert(opts: ModelConvertOptions) -> int:
 
     dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
     out = convert_checkpoint(opts.input, opts.output, opts.to, dtype,
-                             parse_size(opts.max_shard_size, "--max-shard-size"))
-    print(f"wrote {out} ({opts.to})")
+                             parse_size(opts.max_shard_size, "--max-shard-size"), opts.layout, opts.tokenizer)
+    what = f"hf, {opts.layout} layout" if opts.to == "hf" else opts.to
+    print(f"wrote {out} ({what})")
     return 0

@@ -1,10 +1,11 @@
 """Hugging Face model directories of RWKV-7: ``config.json`` plus ``model.safetensors`` or safetensors
-shards listed in ``model.safetensors.index.json`` (the layout of flash-linear-attention's
-``RWKV7ForCausalLM``, used by the fla-hub models and the ``rwkv7-hf`` converter).
+shards listed in ``model.safetensors.index.json``, in either layout of :mod:`statetune.model.hf_layouts`
+(flash-linear-attention's ``RWKV7ForCausalLM`` or the transformers-native ``Rwkv7ForCausalLM``), told apart
+by ``config.json``.
 
-Reading renames the tensors to the official names (:mod:`statetune.model.hf_names`) and cross-checks
-``config.json`` against the sizes read from the shapes; writing does the reverse, so that statetune can
-convert in both directions. Only safetensors are read: nothing is unpickled.
+Reading renames the tensors to the official names and cross-checks ``config.json`` against the sizes read
+from the shapes; writing does the reverse (with tokenizer files beside the weights when given), so that
+statetune can convert in both directions. Only safetensors are read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from statetune.errors import CheckpointError
 from statetune.model.config import V7, RWKVConfig, infer_config
-from statetune.model.hf_names import hf_to_official, official_to_hf
+from statetune.model.hf_layouts import DEFAULT_LAYOUT, LAYOUTS, Layout, detect_layout
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-NORM_EPS = 1e-5  # the official LayerNorm eps; fla derives the GroupNorm eps from it
 
 
 def read_config(root: Path) -> dict[str, Any]:
@@ -92,32 +91,9 @@ def read_hf_tensors(root: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{root}: no {SINGLE} or {INDEX} (only safetensors weights are read); found {found}")
 
 
-# config.json field -> how to read it from an RWKVConfig
-_CONFIG_FIELDS = {
-    "hidden_size": lambda c: c.n_embd,
-    "num_hidden_layers": lambda c: c.n_layer,
-    "vocab_size": lambda c: c.vocab_size,
-    "head_dim": lambda c: c.head_size,
-    "num_heads": lambda c: c.n_head,
-    "intermediate_size": lambda c: c.dim_ffn,
-    "attention_hidden_size": lambda c: c.n_embd,
-    "decay_low_rank_dim": lambda c: c.lora["w"],
-    "a_low_rank_dim": lambda c: c.lora["a"],
-    "gate_low_rank_dim": lambda c: c.lora["g"],
-}
-
-
-def check_config(config: dict[str, Any], cfg: RWKVConfig, where: str) -> None:
+def check_config(config: dict[str, Any], cfg: RWKVConfig, where: str, layout: Layout) -> None:
     """Every size ``config.json`` states must equal the one read from the tensor shapes."""
-    fields = dict(_CONFIG_FIELDS)
-    if cfg.n_layer > 1:  # block 0 has no value-residual weights, so one layer does not show this width
-        fields["v_low_rank_dim"] = lambda c: c.lora["v"]
-    wrong = [f"{k} is {config[k]!r} but the tensors say {get(cfg)}" for k, get in fields.items()
-             if config.get(k) is not None and config[k] != get(cfg)]
-    if config.get("norm_eps", NORM_EPS) != NORM_EPS:
-        wrong.append(f"norm_eps is {config['norm_eps']!r}; statetune computes the official {NORM_EPS}")
-    if config.get("norm_first") is False:
-        wrong.append("norm_first is false; the official model normalises the embeddings (pre_norm)")
+    wrong = layout.check(config, cfg)
     if wrong:
         raise CheckpointError(f"{where}/{CONFIG} disagrees with the weights: " + "; ".join(wrong))
 
@@ -127,8 +103,7 @@ def hf_vocab_size(path: str | Path) -> int:
     from safetensors import safe_open
 
     root = Path(path)
-    read_config(root)
-    name, shard = "model.embeddings.weight", root / SINGLE
+    name, shard = detect_layout(read_config(root), str(root / CONFIG)).embedding, root / SINGLE
     if (root / INDEX).is_file():
         try:
             shard = root / json.loads((root / INDEX).read_text(encoding="utf-8"))["weight_map"][name]
@@ -143,31 +118,20 @@ def hf_vocab_size(path: str | Path) -> int:
 
 
 def read_hf_dir(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of an HF model directory under official names, its ``config.json`` cross-checked."""
+    """The tensors of an HF model directory (either layout) under official names, its ``config.json``
+    cross-checked."""
     root = Path(path)
     config = read_config(root)
-    sd = hf_to_official(read_hf_tensors(root), str(root))
-    check_config(config, infer_config(sd, str(root)), str(root))
+    layout = detect_layout(config, str(root / CONFIG))
+    sd = layout.to_official(read_hf_tensors(root), str(root))
+    check_config(config, infer_config(sd, str(root)), str(root), layout)
     return sd
 
 
-def hf_config(cfg: RWKVConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """The ``config.json`` of an RWKV-7 model, in the fields fla's ``RWKV7Config`` (and rwkv7-hf's) read."""
-    return {
-        "architectures": ["RWKV7ForCausalLM"], "model_type": V7, "attn_mode": "chunk",
-        "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer, "vocab_size": cfg.vocab_size,
-        "head_dim": cfg.head_size, "num_heads": cfg.n_head, "attention_hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.dim_ffn, "hidden_ratio": cfg.dim_ffn / cfg.n_embd,
-        "decay_low_rank_dim": cfg.lora["w"], "a_low_rank_dim": cfg.lora["a"],
-        "gate_low_rank_dim": cfg.lora["g"], "v_low_rank_dim": cfg.lora["v"],
-        "value_dim": [cfg.n_embd] * cfg.n_layer, "norm_eps": NORM_EPS, "norm_bias": True, "norm_first": True,
-        "fuse_norm": False, "tie_word_embeddings": False, "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | None = None) -> Path:
-    """Write an official RWKV-7 state dict as an HF model directory (shards above ``max_shard_bytes``).
+def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | None = None,
+                 layout: str = DEFAULT_LAYOUT, files: dict[str, str] | None = None) -> Path:
+    """Write an official RWKV-7 state dict as an HF model directory in ``layout`` (shards above
+    ``max_shard_bytes``), with ``files`` (name -> text, e.g. the tokenizer's) beside the weights.
 
     The directory is assembled beside ``out`` and renamed into place, so a failure leaves nothing half
     written; an existing non-empty ``out`` is refused rather than mixed with.
@@ -180,13 +144,16 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
     cfg = infer_config(sd, str(out))
     if cfg.version != V7:
         raise CheckpointError(f"{out}: the Hugging Face layout is written for RWKV-7 only, not {cfg.version}")
-    hf = official_to_hf(sd, str(out))
-    dtype = hf["model.embeddings.weight"].dtype
+    spec = LAYOUTS[layout]
+    hf = spec.to_hf(sd, str(out))
+    dtype = hf[spec.embedding].dtype
     shards = _split(hf, max_shard_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n", encoding="utf-8")
+        (tmp / CONFIG).write_text(json.dumps(spec.config(cfg, dtype), indent=2) + "\n", encoding="utf-8")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
         else:

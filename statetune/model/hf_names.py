@@ -113,3 +113,39 @@ def hf_to_official(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     """Rename (and reshape) an HF-layout RWKV-7 state dict into official names; unknown keys are an error."""
     return _rename(sd, {h: o for o, h in TOP.items()}, _HF_BLOCK, _block_to_official, where,
                    "{n} key(s) that are not part of an RWKV-7 model in the Hugging Face layout")
+
+
+# -- the transformers-native layout (``Rwkv7ForCausalLM``): official names under ``model.``, ``head`` outside --
+TF_PREFIX = "model."
+TF_HEAD = "head.weight"
+
+
+def official_to_transformers(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """Official names -> the transformers-native layout: every tensor but ``head.weight`` gains ``model.``;
+    block 0's unused value-residual weights are dropped (the layout has no place for them). Shapes are the
+    official ones, so nothing is transposed or reshaped."""
+    out = {}
+    for name, t in sd.items():
+        if name in {f"blocks.0.{n}" for n in UNUSED_IN_BLOCK0}:
+            continue
+        if name != TF_HEAD and name not in TOP and not _OFFICIAL_BLOCK.fullmatch(name):
+            raise CheckpointError(f"{where}: no transformers-layout name for key {name}")
+        out[name if name == TF_HEAD else TF_PREFIX + name] = t.contiguous()
+    return out
+
+
+def transformers_to_official(sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """The transformers-native layout -> official names (drop the ``model.`` prefix); a key outside
+    ``model.`` other than ``head.weight`` is an error naming it."""
+    out, unknown = {}, []
+    for name, t in sd.items():
+        if name == TF_HEAD:
+            out[name] = t
+        elif name.startswith(TF_PREFIX):
+            out[name.removeprefix(TF_PREFIX)] = t
+        else:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} key(s) outside 'model.' in a transformers-layout "
+                              f"directory: {', '.join(sorted(unknown)[:10])}")
+    return out
