@@ -52,6 +52,7 @@ class Delta:
     completion: Completion | None = None
     error: str | None = None
     score: TokenScore | None = None
+    prompt_scores: list[TokenScore] | None = None  # a scored prompt's, on the sequence's first delta
 
     @property
     def finished(self) -> bool:
@@ -82,13 +83,16 @@ class Seq:
         """Take a sampled token (and its score): update the text, check the stops, say what to emit."""
         if score is not None:
             self.scores = [*(self.scores or []), score]
+        first = not self.tokens
         delta = self._accept(token)
         delta.score = score
+        if first:
+            delta.prompt_scores = self.prompt_scores
         return delta
 
     def scored(self) -> Delta:
         """The end of a sequence that only scores its prompt: no token, reason ``length``."""
-        delta = Delta(self.id, "", -1, LENGTH)
+        delta = Delta(self.id, "", -1, LENGTH, prompt_scores=self.prompt_scores)
         delta.completion = Completion("", [], LENGTH, len(self.prompt), prompt_scores=self.prompt_scores,
                                       scores=[])
         return delta
