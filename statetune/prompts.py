@@ -57,6 +57,18 @@ def chat_prompt(messages: Any) -> str:
     return "".join(turns) + ASSISTANT_PROMPT
 
 
+#: The chat format as a Jinja template (Hugging Face's ``chat_template``, the ``/tokenizer_info`` of ``serve``):
+#: the same text as :func:`chat_prompt` for conversations ending with a user's turn (runs of up to 16
+#: newlines inside a message collapse as :func:`normalize_chat` does).
+_CONTENT = ("(message['content'] | replace('\\r\\n', '\\n') | trim" + " | replace('\\n\\n', '\\n')" * 4 + ")")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | replace('system', 'System') | replace('user', 'User') | replace('assistant', 'Assistant') }}"
+    ": {{ " + _CONTENT + " }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
 def chat_stop(tokenizer: Tokenizer) -> dict[str, Any]:
     """The ``stop`` metadata of chat data: the end of a turn."""
     return {"ids": tokenizer.encode(CHAT_END), "text": CHAT_END}

@@ -181,16 +181,20 @@ def test_concurrent_requests_with_different_states_equal_each_alone(server, setu
     ({"model": "alpha", "prompt": "x", "temperature": -1}, 400, "temperature: must be 0 (greedy) or more"),
     ({"model": "alpha", "prompt": "x", "top_p": 1.5}, 400, "top_p: must be in (0, 1]"),
     ({"model": "alpha", "prompt": "x", "top_k": -3}, 400, "top_k: must be 0 (off) or more"),
-    ({"model": "alpha", "prompt": "x", "max_tokens": 0}, 400, "max_tokens: must be at least 1"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": -1}, 400, "max_tokens: must be 0 (score the prompt only) or more"),
     ({"model": "alpha", "prompt": "x", "seed": -1}, 400, "seed: must be in"),
     ({"model": "alpha", "prompt": "x", "stop": [""]}, 400, "stop"),
     ({"model": "alpha", "prompt": "x", "stop_token_ids": [5000]}, 400, "stop_token_ids: token id outside"),
     ({"model": "alpha", "prompt": "x" * 500}, 400, "the prompt has 500 tokens; this server accepts at most 200"),
     ({"model": "alpha", "prompt": ""}, 400, "prompt: empty"),
     ({"model": "alpha", "prompt": [1, 999]}, 400, "token id 999 is outside the vocabulary"),
-    ({"model": "alpha", "prompt": ["a", "b"]}, 400, "one prompt per request"),
-    ({"model": "alpha", "prompt": "x", "n": 2}, 400, "n: only one choice"),
-    ({"model": "alpha", "prompt": "x", "echo": True}, 400, "echo: not supported"),
+    ({"model": "alpha", "prompt": [[1, 2], [1, 999]]}, 400, "prompt[1]: token id 999 is outside the vocabulary"),
+    ({"model": "alpha", "prompt": ["a", ""]}, 400, "prompt[1]: empty"),
+    ({"model": "alpha", "prompt": "x", "n": 0}, 400, "n: must be in 1..128"),
+    ({"model": "alpha", "prompt": ["a", "b"], "n": 65}, 400, "2 prompts x n=65 choices is over 128"),
+    ({"model": "alpha", "prompt": "x", "logprobs": 6}, 400, "logprobs: must be in 0..5"),
+    ({"model": "alpha", "prompt": "x", "logprobs": True}, 400, "logprobs: Input should be a valid integer"),
+    ({"model": "alpha", "prompt": "x", "suffix": "y"}, 400, "suffix: not supported"),
 ])
 def test_bad_completion_requests_are_4xx_with_a_message(server, body, status, needle):
     r = server.post("/v1/completions", body)
@@ -205,6 +209,11 @@ def test_bad_completion_requests_are_4xx_with_a_message(server, body, status, ne
     ({"model": "alpha", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"model": "alpha", "messages": "hi"}, "messages: Input should be a valid list"),
     ({"model": "alpha", "messages": [{"role": "user", "content": "x" * 300}]}, "this server accepts at most 200"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "needs \"logprobs\": true"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs: must be in 0..20"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs: Input should be"),
+    ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens: must be at"),
 ])
 def test_bad_chat_requests_are_400(server, body, needle):
     r = server.post("/v1/chat/completions", body)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from statetune.infer.sampling import RowSampler, SamplingParams, sample
+from statetune.infer.scoring import score_prompt, scores_at
 from statetune.infer.sequence import ERROR, LENGTH, STOP, Completion, Delta
 from statetune.infer.sequence import Seq as _Seq
 from statetune.model.base import acc_dtype
@@ -50,15 +51,20 @@ class Engine:
         self._next_id = 0
         self.isolate_failures = isolate_failures
         self._failed: list[Delta] = []
+        self._done: list[Delta] = []  # prompts scored without sampling, ended by the last admission
 
     # -- the queue -----------------------------------------------------------------------------------------
     def add(self, prompt: list[int], state: RWKVState | None = None, params: SamplingParams | None = None,
-            keep_state: bool = False, keep_prompt_state: bool = False) -> int:
+            keep_state: bool = False, keep_prompt_state: bool = False, logprobs: int | None = None,
+            prompt_logprobs: int | None = None, score_only: bool = False) -> int:
         """Queue a sequence: ``prompt`` token ids (at least one) read from ``state`` (batch 1; None: zeros).
 
         Returns the sequence id used in :class:`Delta`. The caller's state is never modified. With
         ``keep_state`` the final :class:`Completion` carries the sequence's state, with ``keep_prompt_state``
-        the state before the prompt's last token (the prompt is then read in two passes).
+        the state before the prompt's last token (the prompt is then read in two passes). ``logprobs`` (the
+        number of alternatives, 0 or more) scores every sampled token (:attr:`Delta.score`),
+        ``prompt_logprobs`` every prompt token (:attr:`Completion.prompt_scores`; the prompt is then read
+        alone, position by position); ``score_only`` ends the sequence after its prompt, sampling nothing.
         """
         params = params or SamplingParams()
         params.check_vocab(self.model.config.vocab_size)
@@ -70,8 +76,10 @@ class Engine:
                              f"(0..{self.model.config.vocab_size - 1})")
         if state is not None and state.batch_size != 1:
             raise ValueError(f"each sequence needs a batch-1 state, got batch {state.batch_size}")
+        scoring = prompt_logprobs is not None
         seq = _Seq(self._next_id, list(prompt), state, params, keep_state, RowSampler(params),
-                   StreamDecoder(self.tokenizer), keep_prompt_state=keep_prompt_state and len(prompt) > 1)
+                   StreamDecoder(self.tokenizer), keep_prompt_state=keep_prompt_state and len(prompt) > 1
+                   and not scoring, logprobs=logprobs, prompt_logprobs=prompt_logprobs, score_only=score_only)
         self._next_id += 1
         self._waiting.append(seq)
         return seq.id
@@ -106,13 +114,15 @@ class Engine:
             finite = torch.isfinite(self._logits).all(-1).tolist()
             self._fail_rows([r for r, ok in enumerate(finite) if not ok], "the model's output is not finite "
                             "(NaN or infinite logits): the state or the prompt drives the model out of range")
-        deltas, self._failed = self._failed, []
+        deltas, self._failed, self._done = self._failed + self._done, [], []
         if not self._active:
             return deltas
         tokens = sample(self._logits, [s.sampler for s in self._active], self.vocab_size)
         keep = []
         for row, (seq, tok) in enumerate(zip(self._active, tokens, strict=True)):
-            delta = seq.accept(tok)
+            score = None if seq.logprobs is None else scores_at(self._logits[row:row + 1], [tok], seq.logprobs,
+                                                                 self.vocab_size)[0]
+            delta = seq.accept(tok, score)
             if delta.completion is None:
                 keep.append(row)
             elif seq.keep_state:
@@ -171,9 +181,11 @@ class Engine:
             new.append(self._waiting.popleft())
         if not new:
             return
-        by_len: dict[tuple[int, bool], list[_Seq]] = {}
-        for seq in new:
-            by_len.setdefault((len(seq.prompt), seq.keep_prompt_state), []).append(seq)
+        by_len: dict[tuple, list[_Seq]] = {}
+        for seq in new:  # a scored prompt is read alone (its own key)
+            key = (seq.id,) if seq.prompt_logprobs is not None else (len(seq.prompt), seq.keep_prompt_state,
+                                                                     seq.score_only)
+            by_len.setdefault(key, []).append(seq)
         states, logits = [] if self._state is None else [self._state], [] if self._logits is None else [self._logits]
         groups = list(by_len.values())
         while groups:
@@ -188,16 +200,24 @@ class Engine:
                 else:
                     self._failed.append(Delta(group[0].id, "", -1, ERROR, error=f"{type(e).__name__}: {e}"))
                 continue
+            for s in group:
+                s.state = None  # the caller's state is not kept alive
+            if group[0].score_only:  # nothing to sample: it ends here
+                self._done.extend(s.scored() for s in group)
+                continue
             states.append(st)
             logits.append(last)
             self._active.extend(group)
-            for s in group:
-                s.state = None  # the caller's state is not kept alive
         if logits:
             self._state, self._logits = RWKVState.cat(states), torch.cat(logits)
 
     def _prefill(self, group: list[_Seq]) -> tuple[Tensor, RWKVState]:
         init = RWKVState.cat([self._initial(s.state) for s in group])
+        if group[0].prompt_logprobs is not None:
+            seq = group[0]
+            seq.prompt_scores, last, st = score_prompt(self.model, seq.prompt, init, seq.prompt_logprobs,
+                                                       vocab_size=self.vocab_size)
+            return last, st
         if not group[0].keep_prompt_state:
             return prefill(self.model, [s.prompt for s in group], init, self.prefill_tokens)
         _, st = prefill(self.model, [s.prompt[:-1] for s in group], init, self.prefill_tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from statetune.infer.sampling import RowSampler, SamplingParams
+from statetune.infer.scoring import TokenScore
 from statetune.model.state import RWKVState
 from statetune.tokenizer import StreamDecoder
 
@@ -24,6 +25,8 @@ class Completion:
     ``state`` (when the sequence was added with ``keep_state``) is the state after the prompt and all tokens
     but the last one (the last sampled token is never fed to the model); ``prompt_state`` (added with
     ``keep_prompt_state``, prompts of two tokens or more) the state after all of the prompt but its last token.
+    ``scores`` (a sequence added with ``logprobs``) holds one :class:`TokenScore` per sampled token,
+    ``prompt_scores`` (added with ``prompt_logprobs``) one per prompt token.
     """
 
     text: str
@@ -33,11 +36,14 @@ class Completion:
     stop: str | int | None = None
     state: RWKVState | None = None
     prompt_state: RWKVState | None = None
+    scores: list[TokenScore] | None = None
+    prompt_scores: list[TokenScore] | None = None
 
 
 @dataclass
 class Delta:
-    """What one step produced for one sequence: its new text (possibly empty) and the token sampled."""
+    """What one step produced for one sequence: its new text (possibly empty) and the token sampled
+    (-1 when none was: a failure, or a prompt scored without generating), with its score when asked for."""
 
     seq_id: int
     text: str
@@ -45,6 +51,8 @@ class Delta:
     finish_reason: str | None = None
     completion: Completion | None = None
     error: str | None = None
+    score: TokenScore | None = None
+    prompt_scores: list[TokenScore] | None = None  # a scored prompt's, on the sequence's first delta
 
     @property
     def finished(self) -> bool:
@@ -62,12 +70,34 @@ class Seq:
     decoder: StreamDecoder
     keep_prompt_state: bool = False
     prompt_state: RWKVState | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    score_only: bool = False
+    scores: list[TokenScore] | None = None
+    prompt_scores: list[TokenScore] | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
 
-    def accept(self, token: int) -> Delta:
-        """Take a sampled token: update the text, check the stops, say what to emit."""
+    def accept(self, token: int, score: TokenScore | None = None) -> Delta:
+        """Take a sampled token (and its score): update the text, check the stops, say what to emit."""
+        if score is not None:
+            self.scores = [*(self.scores or []), score]
+        first = not self.tokens
+        delta = self._accept(token)
+        delta.score = score
+        if first:
+            delta.prompt_scores = self.prompt_scores
+        return delta
+
+    def scored(self) -> Delta:
+        """The end of a sequence that only scores its prompt: no token, reason ``length``."""
+        delta = Delta(self.id, "", -1, LENGTH, prompt_scores=self.prompt_scores)
+        delta.completion = Completion("", [], LENGTH, len(self.prompt), prompt_scores=self.prompt_scores,
+                                      scores=[])
+        return delta
+
+    def _accept(self, token: int) -> Delta:
         p = self.params
         self.tokens.append(token)
         self.sampler.observe(token)
@@ -91,7 +121,8 @@ class Seq:
         if reason is not None:
             self.text = self.text[:self.emitted]
             delta.completion = Completion(self.text, self.tokens, reason, len(self.prompt), stop,
-                                          prompt_state=self.prompt_state)
+                                          prompt_state=self.prompt_state, scores=self.scores,
+                                          prompt_scores=self.prompt_scores)
         return delta
 
     def _held(self) -> int:

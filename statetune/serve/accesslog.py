@@ -22,7 +22,7 @@ from statetune.serve.metrics import Metrics
 log = logging.getLogger("statetune.serve.access")
 INFO_KEY = "statetune.info"
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/states",
-          "/v1/states/reload")
+          "/v1/states/reload", "/tokenizer_info", "/tokenize", "/detokenize")
 
 
 def request_info(request: Request) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The HTTP routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/v1/states/reload``,
 ``/health`` and ``/metrics``, as a FastAPI app over a :class:`~statetune.serve.service.Service` (the states
-API and the playground page add theirs from ``states_api`` and ``playground``).
+API, the tokenizer endpoints and the playground page add theirs from ``states_api``, ``tokenize_api`` and
+``playground``; answers of several choices are built by ``choices``).
 
 Handlers only translate: a request body becomes prompt ids and sampling parameters (``prompts``), the
 service decodes, and the deltas become an OpenAI body or a stream of server-sent events (``responses``).
@@ -13,30 +14,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from statetune._version import __version__
-from statetune.infer.sampling import SamplingParams
 from statetune.serve import prompts as P
 from statetune.serve.accesslog import AccessLog, request_info
+from statetune.serve.batcher import Scoring
+from statetune.serve.choices import Wanted, answer, expand
 from statetune.serve.errors import ApiError, error_body
 from statetune.serve.guard import Guard
 from statetune.serve.metrics import CONTENT_TYPE_LATEST
 from statetune.serve.playground import add_playground
-from statetune.serve.registry import Entry
-from statetune.serve.responses import DONE, Reply, model_card, sse
+from statetune.serve.responses import Reply, model_card
 from statetune.serve.schemas import ChatRequest, CompletionRequest
 from statetune.serve.service import Service
 from statetune.serve.states_api import add_state_routes
+from statetune.serve.tokenize_api import add_tokenizer_routes
 
 log = logging.getLogger("statetune.serve")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(service: Service, api_key: str | None = None, max_body: int = 4 << 20, playground: bool = False,
@@ -62,6 +63,7 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = 4 <
     _errors(app)
     _routes(app, service)
     add_state_routes(app, service)
+    add_tokenizer_routes(app, service)
     if playground:
         add_playground(app)
     return AccessLog(Guard(app, api_key, max_body), service.metrics, access_log)
@@ -145,12 +147,17 @@ def _routes(app: FastAPI, service: Service) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         P.check_unsupported(body)
         entry = service.lookup(body.model)
-        ids = P.completion_prompt(body, entry, tokenizer, limits)
+        prompts = P.completion_prompts(body, entry, tokenizer, limits)
         strings, stop_ids = P.completion_stops(body, entry, tokenizer)
         params = P.sampling_params(body, strings, stop_ids, limits)
-        request_info(request).update(model=entry.name, prompt_tokens=len(ids))
-        return await _answer(service, Reply(False, entry.name, len(ids)), entry, ids, params, body.stream,
-                             _include_usage(body), request)
+        scoring = Scoring(logprobs=body.logprobs, prompt=body.logprobs or 0 if body.echo else None,
+                          only=P.score_only(body))
+        echo = [tokenizer.decode(p) for p in prompts] if body.echo else None
+        choices = expand(prompts, params, body.n or 1, scoring, echo)
+        n_prompt = sum(len(p) for p in prompts)
+        request_info(request).update(model=entry.name, prompt_tokens=n_prompt)
+        return await answer(service, Reply(False, entry.name, n_prompt), entry, choices, Wanted(body.logprobs),
+                            body.stream, _include_usage(body), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -160,61 +167,12 @@ def _routes(app: FastAPI, service: Service) -> None:
         strings, stop_ids = P.chat_stops(body, tokenizer)
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = P.sampling_params(body, strings, stop_ids, limits, wanted)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        choices = expand([ids], params, body.n or 1, Scoring(logprobs=top))
         request_info(request).update(model=entry.name, prompt_tokens=len(ids))
-        return await _answer(service, Reply(True, entry.name, len(ids)), entry, ids, params, body.stream,
-                             _include_usage(body), request)
+        return await answer(service, Reply(True, entry.name, len(ids)), entry, choices, Wanted(top), body.stream,
+                            _include_usage(body), request)
 
 
 def _include_usage(body: CompletionRequest | ChatRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
-
-
-async def _answer(service: Service, reply: Reply, entry: Entry, ids: list[int], params: SamplingParams,
-                  stream: bool | None, include_usage: bool, request: Request) -> Response:
-    """Decode and answer: one JSON body, or (``stream``) server-sent events."""
-    if service.draining:
-        raise ApiError(503, "the server is shutting down", code="shutting_down")
-    await service.start_state(entry)  # a state that cannot be read is this request's 500, before any stream
-    if stream:
-        events = _events(service, reply, entry, ids, params, include_usage, request)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    done, info = None, request_info(request)
-    async with aclosing(service.generate(ids, entry, params, request, info=info)) as deltas:
-        async for d in deltas:
-            done = d.completion or done
-    if done is None:  # the client went away; nobody reads this
-        return Response(status_code=499)
-    info["completion_tokens"] = len(done.tokens)
-    text = done.text.lstrip(" ") if reply.chat else done.text
-    return JSONResponse(reply.body(text, done.finish_reason, len(done.tokens)))
-
-
-async def _events(service: Service, reply: Reply, entry: Entry, ids: list[int], params: SamplingParams,
-                  include_usage: bool, request: Request) -> AsyncIterator[bytes]:
-    """The stream of one answer; a chat reply's leading space is dropped, as ``statetune chat`` does."""
-    if reply.chat:
-        yield sse(reply.chunk("", role=True))
-    started, done, info = not reply.chat, None, request_info(request)
-    try:
-        async with aclosing(service.generate(ids, entry, params, request, info=info)) as deltas:
-            async for d in deltas:
-                text = d.text
-                if not started and text:
-                    text = text.lstrip(" ")
-                    started = bool(text)
-                if d.completion is not None:
-                    done = d.completion
-                    yield sse(reply.chunk((text or None) if reply.chat else text, d.finish_reason))
-                elif text:
-                    yield sse(reply.chunk(text))
-    except ApiError as e:
-        info["error"] = e.message
-        yield sse(e.body())
-        yield DONE
-        return
-    if done is None:  # the client went away
-        return
-    info["completion_tokens"] = len(done.tokens)
-    if include_usage:
-        yield sse(reply.usage_chunk(len(done.tokens)))
-    yield DONE

@@ -35,6 +35,17 @@ from statetune.tokenizer import Tokenizer
 log = logging.getLogger("statetune.serve")
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What a request asks to be scored: ``logprobs`` alternatives for each sampled token (None: no
+    scores), ``prompt`` alternatives for each prompt token (None: the prompt is not scored; it then skips
+    the prefix cache, whose states carry no logits), ``only``: score the prompt and sample nothing."""
+
+    logprobs: int | None = None
+    prompt: int | None = None
+    only: bool = False
+
+
 @dataclass(eq=False)
 class Handle:
     """One request's sequence: what to decode, and the queue its :class:`Delta`s (or an error) arrive on.
@@ -50,6 +61,7 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     key: str | None = None
     capture: bool = False
+    scoring: Scoring = Scoring()
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int | None = None
     cancelled: bool = False
@@ -87,9 +99,9 @@ class Batcher:
             self._thread.start()
 
     def submit(self, prompt: list[int], state: RWKVState, params: SamplingParams, key: str | None = None,
-               capture: bool = False) -> Handle:
+               capture: bool = False, scoring: Scoring | None = None) -> Handle:
         """Queue a sequence for the running event loop's request; it joins the batch at the next step."""
-        handle = Handle(prompt, state, params, asyncio.get_running_loop(), key, capture)
+        handle = Handle(prompt, state, params, asyncio.get_running_loop(), key, capture, scoring or Scoring())
         self._inbox.put(("add", handle))
         return handle
 
@@ -146,14 +158,15 @@ class Batcher:
             if self._closed is not None:
                 out.append((handle, self._closed))
                 return
-            cached, start = 0, handle.state
-            if handle.key is not None:
+            cached, start, sc = 0, handle.state, handle.scoring
+            if handle.key is not None and sc.prompt is None:
                 cached, hit = self.cache.lookup(handle.key, handle.prompt)
                 start = hit if hit is not None else start
             caching = self.cache.enabled and handle.key is not None
             try:
                 handle.seq_id = self.engine.add(handle.prompt[cached:], start, handle.params,
-                                                keep_state=caching or handle.capture, keep_prompt_state=caching)
+                                                keep_state=caching or handle.capture, keep_prompt_state=caching,
+                                                logprobs=sc.logprobs, prompt_logprobs=sc.prompt, score_only=sc.only)
                 handle.cached, handle.state = cached, None  # the engine holds it until it has read the prompt
             except ValueError as e:  # validated by the request already; this is a last line of defence
                 out.append((handle, ApiError(400, str(e))))

@@ -2,9 +2,9 @@
 
 Prompts are built with :mod:`statetune.prompts`, as ``generate`` builds them, so a server answers exactly
 as ``statetune generate`` does for the same state: a completion prompt is wrapped in the state's training
-template (unless ``"raw": true`` or the prompt is token ids) and stops at the state's stop metadata unless
-the request gives stops; a chat is ``System: …\\n\\nUser: …\\n\\nAssistant:`` (``chat_prompt``) and its
-reply ends at ``\\n\\n``.
+template (unless ``"raw": true``, ``"echo": true`` or the prompt is token ids: what is scored or echoed is
+exactly what was sent) and stops at the state's stop metadata unless the request gives stops; a chat is
+``System: …\\n\\nUser: …\\n\\nAssistant:`` (``chat_prompt``) and its reply ends at ``\\n\\n``.
 Every problem is an :class:`ApiError` (400) naming the field.
 """
 
@@ -24,6 +24,9 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 MAX_STOPS = 16  # stop strings are searched at every token: a long list would slow the whole batch down
 MAX_STOP_CHARS = 1000
 MAX_STOP_IDS = 1024
+MAX_CHOICES = 128  # prompts x n of one request: each is a sequence in the batch
+MAX_LOGPROBS = 5  # completions' logprobs, as OpenAI's
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,13 @@ class Limits:
 
 def check_unsupported(req: _Sampling) -> None:
     """Refuse the OpenAI fields this server cannot honour, rather than silently ignore them."""
-    if req.n not in (None, 1):
-        raise ApiError(400, f"n: only one choice per request is supported, got {req.n}", "n")
-    if req.logprobs not in (None, False, 0):
-        raise ApiError(400, "logprobs: not supported by this server", "logprobs")
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise ApiError(400, f"n: must be in 1..{MAX_CHOICES}, got {req.n}", "n")
     if req.logit_bias:
         raise ApiError(400, "logit_bias: not supported by this server", "logit_bias")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise ApiError(400, "echo: not supported by this server", "echo")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"logprobs: must be in 0..{MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
         if req.best_of not in (None, 1):
             raise ApiError(400, f"best_of: only 1 is supported, got {req.best_of}", "best_of")
         if req.suffix:
@@ -53,36 +54,51 @@ def check_unsupported(req: _Sampling) -> None:
     if isinstance(req, ChatRequest):
         if req.tools:
             raise ApiError(400, "tools: tool calling is not supported by this server", "tools")
-        if req.top_logprobs:
-            raise ApiError(400, "top_logprobs: not supported by this server", "top_logprobs")
+        if req.top_logprobs is not None:
+            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"top_logprobs: must be in 0..{MAX_TOP_LOGPROBS}, got {req.top_logprobs}",
+                               "top_logprobs")
+            if not req.logprobs:
+                raise ApiError(400, "top_logprobs: needs \"logprobs\": true", "top_logprobs")
 
 
-def completion_prompt(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer, limits: Limits) -> list[int]:
-    """The token ids of a completion's prompt: text through the state's template, or ids as given."""
+def completion_prompts(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer, limits: Limits
+                       ) -> list[list[int]]:
+    """The token ids of each of a completion's prompts (a text, ids, or a list of either)."""
     prompt = req.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        raise ApiError(400, f"prompt: one prompt per request is supported, got {len(prompt)}", "prompt")
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if len(prompts) * (req.n or 1) > MAX_CHOICES:
+        raise ApiError(400, f"prompt: {len(prompts)} prompts x n={req.n or 1} choices is over {MAX_CHOICES} per "
+                       "request", "prompt")
+    return [completion_prompt(req, p, entry, tokenizer, limits, f"prompt[{k}]" if len(prompts) > 1 else "prompt")
+            for k, p in enumerate(prompts)]
+
+
+def completion_prompt(req: CompletionRequest, prompt: str | list[int], entry: Entry, tokenizer: Tokenizer,
+                      limits: Limits, param: str = "prompt") -> list[int]:
+    """The token ids of one prompt: text through the state's template (unless raw or echo), or ids as given."""
     if isinstance(prompt, str):
         if not prompt:
-            raise ApiError(400, "prompt: empty; the model needs at least one token to continue from", "prompt")
-        check_text(prompt, "prompt")
+            raise ApiError(400, f"{param}: empty; the model needs at least one token to continue from", param)
+        check_text(prompt, param)
         text = prompt
-        if not req.raw:
+        if not (req.raw or req.echo):
             try:
                 text = entry.prompts.from_text(prompt)
             except OptionError:
-                raise ApiError(400, f"prompt: the prompt template of {entry.name!r} ({entry.template!r}) needs "
-                               "several fields; send the whole prompt text with \"raw\": true", "prompt") from None
-        ids = encode_text(tokenizer, text, "prompt")
+                raise ApiError(400, f"{param}: the prompt template of {entry.name!r} ({entry.template!r}) needs "
+                               "several fields; send the whole prompt text with \"raw\": true", param) from None
+        ids = encode_text(tokenizer, text, param)
     else:
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < limits.vocab_size]
         if bad:
-            raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{limits.vocab_size - 1})",
-                           "prompt")
-    return _check_length(ids, limits, "prompt")
+            raise ApiError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{limits.vocab_size - 1})",
+                           param)
+    return _check_length(ids, limits, param)
 
 
 def chat_prompt_ids(req: ChatRequest, tokenizer: Tokenizer, limits: Limits) -> list[int]:
@@ -142,9 +158,14 @@ def sampling_params(req: _Sampling, stop_strings: list[str], stop_ids: list[int]
                     max_tokens: int | None = None) -> SamplingParams:
     """The request's sampling values (OpenAI's defaults where absent) with the given stops.
 
-    ``max_tokens`` defaults to the server's limit and is capped by it.
+    ``max_tokens`` defaults to the server's limit and is capped by it; a completion's 0 (score the prompt,
+    generate nothing) becomes 1 here and is honoured by the caller (:func:`score_only`).
     """
     wanted = max_tokens if max_tokens is not None else req.max_tokens
+    if isinstance(req, CompletionRequest) and wanted is not None and wanted <= 0:
+        if wanted < 0:
+            raise ApiError(400, f"max_tokens: must be 0 (score the prompt only) or more, got {wanted}", "max_tokens")
+        wanted = 1
     values = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
               "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
               "penalty_decay": req.penalty_decay, "repetition_penalty": req.repetition_penalty, "seed": req.seed}
@@ -157,6 +178,12 @@ def sampling_params(req: _Sampling, stop_strings: list[str], stop_ids: list[int]
         raise ApiError(400, f"{e.field}: {e.detail}, got {e.value!r}", e.field) from None
     params.max_tokens = min(params.max_tokens, limits.max_tokens)
     return params
+
+
+def score_only(req: _Sampling) -> bool:
+    """A completion with ``max_tokens`` 0: its prompt is scored (with ``echo`` and ``logprobs``), nothing is
+    generated."""
+    return isinstance(req, CompletionRequest) and req.max_tokens == 0
 
 
 def completion_stops(req: CompletionRequest, entry: Entry, tokenizer: Tokenizer) -> tuple[list[str], list[int]]:

@@ -29,7 +29,11 @@ DONE = sse("[DONE]")
 
 
 class Reply:
-    """The bodies of one answer: ``chat`` selects ``chat.completion`` over ``text_completion`` shapes."""
+    """The bodies of one answer: ``chat`` selects ``chat.completion`` over ``text_completion`` shapes.
+
+    An answer has one choice per prompt and sample (``n``), each with its ``index``; ``logprobs`` are the
+    shapes of :mod:`statetune.serve.logprobs`, or None when not asked for.
+    """
 
     def __init__(self, chat: bool, model: str, prompt_tokens: int) -> None:
         self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
@@ -40,24 +44,28 @@ class Reply:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, text: str, finish_reason: str, completion_tokens: int) -> dict[str, Any]:
-        """The whole (non-streamed) answer with its ``usage``."""
+    def choice(self, index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict[str, Any]:
+        """One finished choice of a whole (non-streamed) answer."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head(False), "choices": [choice], "usage": usage(self.prompt_tokens, completion_tokens)}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-        """One stream chunk: new text (chat: a ``delta``; the first one names the role) and maybe the end."""
+    def body(self, choices: list[dict[str, Any]], completion_tokens: int) -> dict[str, Any]:
+        """The whole (non-streamed) answer with its ``usage``."""
+        return {**self._head(False), "choices": choices, "usage": usage(self.prompt_tokens, completion_tokens)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False, index: int = 0,
+              logprobs: dict | None = None) -> dict[str, Any]:
+        """One stream chunk of choice ``index``: new text (chat: a ``delta``; the first one names the role),
+        its tokens' scores, and maybe the end."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head(True), "choices": [choice]}
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:

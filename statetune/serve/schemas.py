@@ -3,8 +3,9 @@
 Types are strict (``"0.5"`` is not a number, ``1.0`` is not an integer), so a mistyped field is a 400 that
 names it instead of a silent conversion; the ranges of the sampling values are checked once, by
 :class:`~statetune.infer.sampling.SamplingParams`. Unknown fields are ignored, as OpenAI-compatible servers
-do, except the few whose meaning cannot be honoured (``n`` > 1, ``logprobs``, ``echo``...), which are
-refused by :func:`statetune.serve.prompts.check_unsupported`.
+do, except the few whose meaning cannot be honoured (``best_of``, ``suffix``, ``logit_bias``, ``tools``),
+which are refused by :func:`statetune.serve.prompts.check_unsupported`. Scoring follows OpenAI's shapes:
+``logprobs`` is a number of alternatives (0-5) on completions and a flag with ``top_logprobs`` (0-20) on chat.
 
 Besides OpenAI's sampling fields, ``top_k``, ``repetition_penalty`` and ``stop_token_ids`` are accepted (the
 ``openai`` client sends them through ``extra_body``), and ``raw`` for completions (no state template).
@@ -43,7 +44,6 @@ class _Sampling(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
-    logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
 
@@ -52,6 +52,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``: one prompt (text, or token ids), continued from the named state."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
@@ -78,4 +79,5 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
+    logprobs: bool | None = False
     top_logprobs: int | None = None

@@ -21,7 +21,7 @@ from statetune.errors import StatetuneError
 from statetune.infer.engine import Delta
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
-from statetune.serve.batcher import Batcher, Handle
+from statetune.serve.batcher import Batcher, Handle, Scoring
 from statetune.serve.errors import ApiError, EngineFailure, ShuttingDown
 from statetune.serve.metrics import Metrics
 from statetune.serve.prompts import Limits
@@ -68,19 +68,20 @@ class Service:
                            f"{str(e).removeprefix(f'{entry.path}: ')}", "model", code="state_unreadable") from None
 
     async def generate(self, prompt: list[int], entry: Entry | None, params: SamplingParams, request: Request,
-                       capture: bool = False, info: dict | None = None) -> AsyncIterator[Delta]:
+                       capture: bool = False, info: dict | None = None, scoring: Scoring | None = None
+                       ) -> AsyncIterator[Delta]:
         """Decode one sequence from ``entry``'s state, yielding its deltas until the one with a ``finish_reason``.
 
         Raises :class:`ApiError` when it cannot finish (shutdown, a failure of this sequence); simply ends
         early when the client disconnects. Use it inside ``contextlib.aclosing`` so that leaving early
         cancels it. ``entry`` None starts from zeros. ``capture`` keeps the final state in the last delta's
-        completion; ``info`` (the access log's fields of this request) gets the prompt tokens the cache saved
-        and the time to first token.
+        completion; ``scoring`` asks for log-probabilities (in the deltas and the completion); ``info`` (the
+        access log's fields of this request) gets the prompt tokens the cache saved and the time to first token.
         """
         if self.draining:
             raise ShuttingDown()
         state = self.model.zero_state(1) if entry is None else await self.start_state(entry)
-        handle = self.batcher.submit(prompt, state, params, None if entry is None else entry.key, capture)
+        handle = self.batcher.submit(prompt, state, params, None if entry is None else entry.key, capture, scoring)
         del state  # the handle holds it until the engine has read the prompt
         self.inflight += 1
         watcher = asyncio.create_task(_disconnected(request))
@@ -105,7 +106,8 @@ class Service:
                 else:
                     m.token_latency.observe(now - last)
                 last = now
-                m.generated.inc()
+                if item.token >= 0:
+                    m.generated.inc()
                 finished = item.finished
                 yield item
                 if finished:
