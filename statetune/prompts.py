@@ -9,6 +9,7 @@ can use it.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from typing import Any
@@ -57,16 +58,21 @@ def chat_prompt(messages: Any) -> str:
     return "".join(turns) + ASSISTANT_PROMPT
 
 
-#: The chat format as a Jinja template (Hugging Face's ``chat_template``, the ``/tokenizer_info`` of ``serve``):
-#: the same text as :func:`chat_prompt` for conversations ending with a user's turn (runs of up to 16
-#: newlines inside a message collapse as :func:`normalize_chat` does).
-_CONTENT = ("(message['content'] | replace('\\r\\n', '\\n') | trim" + " | replace('\\n\\n', '\\n')" * 4 + ")")
+#: The chat format (chat_turn / chat_prompt) in Jinja, for Hugging Face's ``chat_template`` and serve's
+#: ``/tokenizer_info``: each turn is "Role: content"
+#: plus a blank line, the content stripped with blank lines collapsed (split on "\n", drop empty lines), and
+#: the generation prompt is the bare "Assistant:" cue.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] | replace('system', 'System') | replace('user', 'User') | replace('assistant', 'Assistant') }}"
-    ": {{ " + _CONTENT + " }}\n\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
+    "{%- set names = " + json.dumps(CHAT_ROLES) + " -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in names -%}"
+    "{{ raise_exception('chat roles are system, user and assistant, not ' + message['role']) }}"
+    "{%- endif -%}"
+    "{{ names[message['role']] + ': ' + (message['content'].replace('\\r\\n', '\\n').split('\\n')"
+    " | reject('equalto', '') | join('\\n') | trim) + " + json.dumps(CHAT_END) + " }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
 
 
 def chat_stop(tokenizer: Tokenizer) -> dict[str, Any]:

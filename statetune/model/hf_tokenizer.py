@@ -17,27 +17,11 @@ import json
 from typing import Any
 
 from statetune.errors import StatetuneError
-from statetune.prompts import CHAT_END, CHAT_ROLES
+from statetune.prompts import CHAT_TEMPLATE
 from statetune.tokenizer import Tokenizer
 
 EOT_TOKEN = "<|endoftext|>"  # id 0: end of text (the name the rwkv7-hf and fla-hub tokenizers use)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-# statetune's chat format (statetune.prompts.chat_turn / chat_prompt) in Jinja: each turn is "Role: content"
-# plus a blank line, the content stripped with blank lines collapsed (split on "\n", drop empty lines), and
-# the generation prompt is the bare "Assistant:" cue.
-CHAT_TEMPLATE = (
-    "{%- set names = " + json.dumps(CHAT_ROLES) + " -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in names -%}"
-    "{{ raise_exception('chat roles are system, user and assistant, not ' + message['role']) }}"
-    "{%- endif -%}"
-    "{{ names[message['role']] + ': ' + (message['content'].replace('\\r\\n', '\\n').split('\\n')"
-    " | reject('equalto', '') | join('\\n') | trim) + " + json.dumps(CHAT_END) + " }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
-)
-
 
 def byte_chars() -> dict[int, str]:
     """The ``ByteLevel`` byte -> character map (GPT-2's): printable Latin-1 bytes stand for themselves, the

@@ -3,8 +3,8 @@
 Evaluation clients that count tokens on their side (lm-evaluation-harness's ``tokenizer_backend=remote``)
 use these so that the ids they send are the server's own. ``/tokenize`` reads the end-of-text marker
 ``<|endoftext|>`` in a text as id 0, as Hugging Face tokenizers read their special tokens (a client finds the
-end-of-text id by tokenizing the ``eos_token`` that ``/tokenizer_info`` names); the completions endpoints
-never do, so a prompt's text is always just text there.
+end-of-text id by tokenizing the ``eos_token`` that ``/tokenizer_info`` names), as the tokenizer files of
+``model convert --to hf`` do; the completions endpoints never do, so a prompt's text is always just text there.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
+from statetune.model.hf_tokenizer import EOT_TOKEN
 from statetune.prompts import CHAT_TEMPLATE
 from statetune.serve import prompts as P
 from statetune.serve.errors import ApiError
 from statetune.serve.schemas import ChatMessage
 from statetune.serve.service import Service
 from statetune.tokenizer import Tokenizer
-
-EOS_TOKEN = "<|endoftext|>"
 
 
 class TokenizeRequest(BaseModel):
@@ -43,7 +42,7 @@ class DetokenizeRequest(BaseModel):
 def encode_special(tokenizer: Tokenizer, text: str, param: str = "prompt") -> list[int]:
     """The ids of ``text`` with each ``<|endoftext|>`` read as the end-of-text id."""
     ids: list[int] = []
-    for k, piece in enumerate(text.split(EOS_TOKEN)):
+    for k, piece in enumerate(text.split(EOT_TOKEN)):
         if k:
             ids.append(tokenizer.eot_id)
         if piece:
@@ -58,7 +57,7 @@ def add_tokenizer_routes(app: FastAPI, service: Service) -> None:
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
         return {"tokenizer_class": f"statetune.{tokenizer.name}", "vocab_size": tokenizer.vocab_size,
-                "eos_token": EOS_TOKEN, "eos_token_id": tokenizer.eot_id, "bos_token": None, "pad_token": EOS_TOKEN,
+                "eos_token": EOT_TOKEN, "eos_token_id": tokenizer.eot_id, "bos_token": None, "pad_token": EOT_TOKEN,
                 "model_max_length": limits.max_prompt_tokens, "chat_template": CHAT_TEMPLATE}
 
     @app.post("/tokenize")
