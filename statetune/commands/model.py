@@ -9,6 +9,7 @@ from pathlib import Path
 from statetune.errors import OptionError
 from statetune.model.convert import LAYOUTS, convert_checkpoint
 from statetune.options import h
+from statetune.outpaths import check_not_input, check_output
 
 DTYPES = ("keep", "fp32", "bf16", "fp16")
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -46,6 +47,10 @@ class ModelConvertOptions:
         if self.dtype not in DTYPES:
             raise OptionError(f"--dtype: unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         parse_size(self.max_shard_size, "--max-shard-size")
+        if self.to == "pth":
+            check_output(self.output, "OUTPUT", [("INPUT", self.input)])
+        else:  # a directory: a trailing separator is fine, and an existing non-empty one is refused when written
+            check_not_input(self.output, "OUTPUT", [("INPUT", self.input)])
 
 
 def convert(opts: ModelConvertOptions) -> int:

@@ -10,9 +10,6 @@ convert in both directions. Only safetensors are read: nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import torch
 from torch import Tensor
 
 from statetune.errors import CheckpointError
+from statetune.fileio import atomic_dir
 from statetune.model.config import V7, RWKVConfig, infer_config
 from statetune.model.hf_names import hf_to_official, official_to_hf
 
@@ -183,9 +181,7 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
     hf = official_to_hf(sd, str(out))
     dtype = hf["model.embeddings.weight"].dtype
     shards = _split(hf, max_shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n", encoding="utf-8")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
@@ -198,12 +194,6 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
             total = sum(t.numel() * t.element_size() for t in hf.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
