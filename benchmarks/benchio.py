@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from statetune.fileio import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,11 +19,8 @@ def print_rows(rows: list[tuple[str, str]]) -> None:
 
 def write_json(obj: object, path: str | Path, indent: int = 2) -> None:
     """Write ``obj`` as JSON atomically (a run stopped midway leaves the last complete file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def output_paths(results_dir: Path, stem: str, quick: bool, report: Path | None) -> tuple[Path, Path]:

@@ -33,6 +33,7 @@ from quality.split import read_csv, split_by_mr  # noqa: E402
 
 from statetune.commands.train import TrainOptions, train  # noqa: E402
 from statetune.data.loader import TokenDataset  # noqa: E402
+from statetune.fileio import atomic_write  # noqa: E402
 from statetune.model.checkpoint import load_model  # noqa: E402
 from statetune.objective import dataset_loss  # noqa: E402
 from statetune.tokenizer import get_tokenizer  # noqa: E402
@@ -190,7 +191,7 @@ def _write_section(path: Path, info: dict, md: list[str]) -> None:
         text = text[:text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    path.write_text(text)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":

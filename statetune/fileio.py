@@ -1,13 +1,14 @@
 """Atomic outputs, shared by every module that writes a file.
 
 A file is written under a temporary name beside its destination, flushed to disk (``fsync``), given the
-permissions an ordinary ``open`` would (``0666`` less the umask, not ``mkstemp``'s ``0600``, so a server
-running as another user can read it) and renamed into place; the directory is synced after the rename, so a
-power loss leaves the old file or the new one, never an empty one. On any failure (a full disk, Ctrl-C,
-SIGTERM, which the CLI turns into the same interrupt) the temporary file is removed. A run killed outright
-leaves its temporary file behind; the temporary name records the writer's process id, and the next write
-of the same path removes those whose writer is gone. :class:`AtomicGroup` commits several files at once:
-every destination is replaced, or none is.
+permissions an ordinary ``open`` would (:mod:`statetune.filemodes`: ``0666`` less the umask, never
+``mkstemp``'s ``0600``, so a server running as another user can read it) and renamed into place; the
+directory is synced after the rename, so a power loss leaves the old file or the new one, never an empty
+one. A directory output (:func:`atomic_dir`) is assembled and renamed the same way. On any failure (a full
+disk, Ctrl-C, SIGTERM, which the CLI turns into the same interrupt) the temporary file is removed. A run
+killed outright leaves its temporary file behind; the temporary name records the writer's process id, and
+the next write of the same path removes those whose writer is gone. :class:`AtomicGroup` commits several
+files at once: every destination is replaced, or none is.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
-def umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from statetune.filemodes import file_mode, give_normal_modes
 
 
 def temp_beside(path: str | Path) -> Path:
@@ -35,10 +32,34 @@ def temp_beside(path: str | Path) -> Path:
     remove_stale_temps(p)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~umask())
+        os.fchmod(fd, file_mode())
     finally:
         os.close(fd)
     return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A new temporary directory beside ``path`` for the caller to fill; when the block ends without error
+    it gets normal modes (:func:`give_normal_modes`), its files are synced and it is renamed onto ``path``
+    (absent or an empty directory); on any failure it is removed and ``path`` is untouched."""
+    p = Path(path)
+    make_parent(p)
+    remove_stale_temps(p)
+    tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp"))
+    try:
+        yield tmp
+        give_normal_modes(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
+        if p.is_dir():
+            p.rmdir()
+        os.replace(tmp, p)
+        fsync_dir(p.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def make_parent(path: Path) -> None:
@@ -63,7 +84,10 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
         pid = tmp.name[len(p.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():  # an unfinished :func:`atomic_dir`
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
     return removed
 
@@ -193,6 +217,7 @@ class AtomicGroup:
         try:
             with self.naming_destinations():
                 for tmp in self.temps:
+                    give_normal_modes(tmp)  # the writer may have replaced the file with one of its own
                     fsync_file(tmp)
                 _commit(self.temps, self.finals)
         finally:

@@ -125,6 +125,15 @@ def check_state_scale(value: float) -> None:
         raise OptionError(f"--state-scale: must be 0 or more, got {value}")
 
 
+def check_stop_tokens(ids: list[int] | None, vocab_size: int) -> None:
+    """Refuse a ``--stop-token`` the model cannot produce, naming the flag (checked once the model is loaded;
+    the engine's own check would name its internal field instead)."""
+    for t in ids or []:
+        if t >= vocab_size:
+            raise OptionError(f"--stop-token: token id outside the model's vocabulary (0..{vocab_size - 1}), "
+                              f"got {t}")
+
+
 @dataclass(kw_only=True)
 class StateOption:
     """``--state``: the state a model starts from (``generate``, ``chat``), and ``--state-scale``."""

@@ -144,8 +144,8 @@ def write_report(results: dict, path: Path, curves_rel: str) -> None:
         old = path.read_text()
         if READING in old:
             reading = old[old.index(READING):]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown(results, curves_rel) + ("\n" + reading if reading else ""))
+    text = markdown(results, curves_rel) + ("\n" + reading if reading else "")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot_curves(results: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ from statetune.infer.chat import ChatSession, converse
 from statetune.infer.sampling import SamplingOptions
 from statetune.options import h
 from statetune.prompts import CHAT_END, normalize_chat, stops
-from statetune.runtime import ModelOptions, StateOption, check_state_scale, load_runtime
+from statetune.runtime import ModelOptions, StateOption, check_state_scale, check_stop_tokens, load_runtime
 
 __all__ = ["ChatOptions", "chat"]
 
@@ -35,6 +35,7 @@ class ChatOptions(SamplingOptions, StateOption, ModelOptions):
 def chat(opts: ChatOptions) -> int:
     """Run ``statetune chat`` until /quit or end of input; returns 1 if a command failed, else 0."""
     rt = load_runtime(opts, opts.state, opts.state_scale)
+    check_stop_tokens(opts.stop_token, rt.model.config.vocab_size)
     rt.model.use_decode_layout()  # one conversation: faster matrix-vector products on CPU
     strings, ids = stops({}, rt.tokenizer, *opts.stop_lists())
     session = ChatSession(rt, opts.sampling_params(sorted({CHAT_END, *strings}), ids), opts.system)

@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from statetune.errors import OptionError
+from statetune.errors import DataError, OptionError
 from statetune.evaluate.generation import DEFAULT_PENALTIES
 from statetune.options import flag, h
+from statetune.outpaths import check_name, check_output
 from statetune.runtime import STATE_SCALE_HELP, ModelOptions, check_state_scale
 
 __all__ = ["EvalOptions", "PlotOptions", "evaluate", "plot"]
@@ -51,6 +52,11 @@ class EvalOptions(ModelOptions):
         if self.max_prompts is not None and self.max_prompts < 1:
             raise OptionError(f"--max-prompts: must be at least 1, got {self.max_prompts} (scores over no "
                               f"prompts mean nothing; leave --generate off to skip generation)")
+        if self.out is not None:
+            check_name(self.out, "--out")  # OUT is a prefix of OUT.md and OUT.json
+            inputs = [("--data", self.data), ("--model", self.model), *(("--state", s) for s in self.state)]
+            for ext in (".md", ".json"):
+                check_output(self.out + ext, "--out", inputs)
         if self.examples < 0:
             raise OptionError(f"--examples: must not be negative, got {self.examples}")
         from statetune.infer.sampling import SamplingError, SamplingParams
@@ -69,7 +75,7 @@ def evaluate(opts: EvalOptions) -> int:
     """Run the comparison; prints a Markdown table and writes OUT.md / OUT.json when --out is given."""
     from statetune.data.loader import TokenDataset
     from statetune.evaluate.compare import compare_states
-    from statetune.evaluate.report import markdown_report
+    from statetune.evaluate.report import markdown_report, state_labels
     from statetune.fileio import atomic_write
     from statetune.model.state import RWKVState
     from statetune.runtime import dataset_meta, pick_tokenizer
@@ -79,12 +85,20 @@ def evaluate(opts: EvalOptions) -> int:
     data = TokenDataset(opts.data, model.config.vocab_size)
     meta = dataset_meta(opts.data)
     tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
-    stop = set((meta.get("stop") or {}).get("ids") or [tok.eot_id])
+    stop_meta = meta.get("stop") if isinstance(meta.get("stop"), dict) else {}
+    ids = stop_meta.get("ids") or [tok.eot_id]
+    vocab = model.config.vocab_size
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab] \
+        if isinstance(ids, list) else [ids]
+    if bad:  # named by the file and field the user can fix, not by the engine's internal field
+        where = Path(opts.data).with_name(Path(opts.data).name.removesuffix(".jsonl") + ".meta.json")
+        raise DataError(f"{where}: stop.ids: {bad[0]!r} is not a token id of the model (0..{vocab - 1})")
+    stop = set(ids)
     candidates: list[tuple[str, RWKVState | None]] = [("base (zero state)", None)]
-    for path in opts.state:
+    for path, name in zip(opts.state, state_labels(opts.state), strict=True):
         state = read_any(path, model).state
         for scale in opts.state_scale:
-            label = Path(path).stem if opts.state_scale == [1.0] else f"{Path(path).stem} x{scale:g}"
+            label = name if opts.state_scale == [1.0] else f"{name} x{scale:g}"
             candidates.append((label, state.scaled(scale)))
     result = compare_states(model, tok, data, candidates, stop, generate=opts.generate, max_prompts=opts.max_prompts,
                             max_tokens=opts.max_tokens, examples=opts.examples, batch_size=opts.batch_size,

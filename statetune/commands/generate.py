@@ -14,8 +14,9 @@ from statetune.errors import OptionError
 from statetune.infer.generate import RecordPrompts, generate_records, read_records, stream_one
 from statetune.infer.sampling import SamplingOptions
 from statetune.options import h
+from statetune.outpaths import check_output
 from statetune.prompts import stops
-from statetune.runtime import ModelOptions, StateOption, check_state_scale, load_runtime
+from statetune.runtime import ModelOptions, StateOption, check_state_scale, check_stop_tokens, load_runtime
 
 __all__ = ["GenerateOptions", "generate"]
 
@@ -45,6 +46,8 @@ class GenerateOptions(SamplingOptions, StateOption, ModelOptions):
             raise OptionError("--prompt/--input: give exactly one of --prompt TEXT or --input IN.jsonl")
         if (self.input is None) != (self.out is None):
             raise OptionError("--out: --input and --out go together")
+        if self.out is not None:
+            check_output(self.out, "--out", [("--input", self.input), ("--state", self.state), ("--model", self.model)])
         if self.prompt_field is not None and self.input is None:
             raise OptionError("--prompt-field: only with --input")
         if self.raw and self.prompt_template is not None:
@@ -65,6 +68,7 @@ class GenerateOptions(SamplingOptions, StateOption, ModelOptions):
 def generate(opts: GenerateOptions) -> int:
     """Run ``statetune generate``; returns the exit status."""
     rt = load_runtime(opts, opts.state, opts.state_scale)
+    check_stop_tokens(opts.stop_token, rt.model.config.vocab_size)
     strings, ids = stops(rt.metadata, rt.tokenizer, *opts.stop_lists())
     prompts = opts.prompts(rt.metadata)
     if opts.input is None:

@@ -11,6 +11,7 @@ from statetune.model.convert import LAYOUTS, TOKENIZER_CHOICES, convert_checkpoi
 from statetune.model.hf_layouts import DEFAULT_LAYOUT
 from statetune.model.hf_layouts import LAYOUTS as HF_LAYOUTS
 from statetune.options import h
+from statetune.outpaths import check_not_input, check_output
 
 DTYPES = ("keep", "fp32", "bf16", "fp16")
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -58,6 +59,10 @@ class ModelConvertOptions:
         if self.tokenizer not in TOKENIZER_CHOICES:
             raise OptionError(f"--tokenizer: unknown choice {self.tokenizer!r}; "
                               f"choose from {', '.join(TOKENIZER_CHOICES)}")
+        if self.to == "pth":
+            check_output(self.output, "OUTPUT", [("INPUT", self.input)])
+        else:  # a directory: a trailing separator is fine, and an existing non-empty one is refused when written
+            check_not_input(self.output, "OUTPUT", [("INPUT", self.input)])
 
 
 def convert(opts: ModelConvertOptions) -> int:

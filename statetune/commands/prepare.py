@@ -14,6 +14,7 @@ from statetune.data.formats import Format
 from statetune.data.prepare import PrepareSettings, TokenizerChoice, check_paths, prepare_dataset, resolve_tokenizer
 from statetune.errors import OptionError
 from statetune.options import h
+from statetune.outpaths import check_name
 
 __all__ = ["PrepareOptions", "prepare"]
 
@@ -28,7 +29,8 @@ class PrepareOptions:
     """
 
     inputs: list[str] = field(metadata=h("JSONL, CSV or TSV files to tokenize.", positional=True))
-    out: str = field(metadata=h("Output name: writes OUT.jsonl, OUT.meta.json (and OUT.val.jsonl)."))
+    out: str = field(metadata=h("Output name: writes OUT.jsonl, OUT.meta.json (and OUT.val.jsonl); a file "
+                                "name, not a directory."))
     format: Format = field(default=Format.AUTO, metadata=h(
         "Record format; auto detects it per file from the first valid record."))
     tokenizer: TokenizerChoice = field(default=TokenizerChoice.AUTO, metadata=h(
@@ -73,6 +75,12 @@ class PrepareOptions:
             raise OptionError("--split-by: only meaningful with --val-fraction above 0")
         if self.max_len is not None and self.max_len < 1:
             raise OptionError(f"--max-len: must be at least 1, got {self.max_len}")
+        try:  # OUT is a prefix: "data/" or "data/.jsonl" would write the hidden data/.jsonl and data/.meta.json
+            check_name(self.out.removesuffix(".jsonl") or ".", "--out")
+        except OptionError:
+            raise OptionError(f"--out: {self.out!r} names a directory, not the name of the output files; give "
+                              f"one, e.g. {Path(self.out.removesuffix('.jsonl') or '.') / 'train'} (writes "
+                              f"train.jsonl and train.meta.json there)") from None
         if self.workers < 0:
             raise OptionError(f"--workers: must be 0 (auto) or more, got {self.workers}")
         if self.prompt_template is not None or self.completion_template is not None:

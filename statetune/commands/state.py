@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from statetune.errors import OptionError, StateFileError
 from statetune.options import h
+from statetune.outpaths import check_output
 from statetune.runtime import DEVICE_HELP, ModelOptions
 from statetune.tuning.formats import FORMATS, format_for, read_any, write_as
 
@@ -66,6 +67,7 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         self.to = format_for(self.output, self.to, "OUTPUT")
+        check_output(self.output, "OUTPUT", [("INPUT", self.input), ("--model", self.model)])
 
 
 def convert(opts: ConvertOptions) -> int:
@@ -84,6 +86,9 @@ class MergeOptions:
     state: str = field(metadata=h("State file to merge."))
     out: str = field(metadata=h("Merged checkpoint to write (.pth or .safetensors)."))
     device: str = field(default="cpu", metadata=h(DEVICE_HELP))
+
+    def __post_init__(self) -> None:
+        check_output(self.out, "--out", [("--model", self.model), ("--state", self.state)])
 
 
 def merge(opts: MergeOptions) -> int:
@@ -107,6 +112,7 @@ class CaptureOptions(ModelOptions):
     def __post_init__(self) -> None:
         self.check_model_options()
         format_for(self.out, None, "--out")
+        check_output(self.out, "--out", [("--model", self.model)])
 
 
 def capture(opts: CaptureOptions) -> int:
@@ -141,6 +147,7 @@ class AverageOptions:
         if self.weights is not None and len(self.weights) != len(self.states):
             raise OptionError(f"--weights: {len(self.weights)} weights for {len(self.states)} states")
         format_for(self.out, None, "--out")
+        check_output(self.out, "--out", [*(("STATES", s) for s in self.states), ("--model", self.model)])
 
 
 def average(opts: AverageOptions) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -156,10 +157,19 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _quiet_worker() -> None:
+    """A worker's signals: Ctrl-C (sent to the whole process group) is the parent's to handle, and SIGTERM,
+    with which the parent stops the pool, ends the worker at once. A forked worker would otherwise inherit
+    the CLI's handler that turns SIGTERM into ``KeyboardInterrupt`` and print a traceback as it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class ChunkRunner:
     """Runs ``encode_chunk`` in this process or in a pool, yielding results in input order.
 
-    At most two chunks per worker are in flight, so memory stays bounded however large the input.
+    At most two chunks per worker are in flight, so memory stays bounded however large the input. When the
+    run stops early (a bad record, Ctrl-C) the pool is terminated and its workers end without a word.
     """
 
     def __init__(self, workers: int) -> None:
@@ -168,7 +178,7 @@ class ChunkRunner:
         if workers > 1:
             # fork starts workers in milliseconds and shares the loaded tokenizer; spawn elsewhere.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(workers)
+            self.pool = multiprocessing.get_context(method).Pool(workers, initializer=_quiet_worker)
 
     def map(self, cfg: EncodeConfig, chunks: Iterable[list[Item]]) -> Iterator[ChunkResult]:
         """``encode_chunk(cfg, chunk)`` for each chunk, in order."""

@@ -24,6 +24,7 @@ from statetune.data.pipeline import ChunkRunner, EncodeConfig, cpu_count
 from statetune.data.readers import Item, parse_json_line, read_items
 from statetune.data.report import InputReport, Totals, build_meta, require_records, summary
 from statetune.errors import CheckpointError, DataError, OptionError
+from statetune.outpaths import check_output
 from statetune.tokenizer import Tokenizer, get_tokenizer, tokenizer_name_for_vocab
 
 CHUNK_ITEMS = 2000
@@ -62,8 +63,7 @@ def check_paths(inputs: list[Path], outputs: tuple[Path, Path | None, Path]) -> 
         if not p.is_file():
             raise OptionError(f"INPUTS: no such file: {p}")
     for out in filter(None, outputs):
-        if any(out.resolve() == p.resolve() for p in inputs):
-            raise OptionError(f"--out: {out} is also an input; choose another output name")
+        check_output(out, "--out", [("INPUTS", p) for p in inputs])
 
 
 def prepare_dataset(inputs: list[Path], outputs: tuple[Path, Path | None, Path], tokenizer: Tokenizer,

@@ -11,15 +11,13 @@ statetune can convert in both directions. Only safetensors are read: nothing is 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from statetune.errors import CheckpointError
+from statetune.fileio import atomic_dir
 from statetune.model.config import V7, RWKVConfig, infer_config
 from statetune.model.hf_layouts import DEFAULT_LAYOUT, LAYOUTS, Layout, detect_layout
 
@@ -148,9 +146,7 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
     hf = spec.to_hf(sd, str(out))
     dtype = hf[spec.embedding].dtype
     shards = _split(hf, max_shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(spec.config(cfg, dtype), indent=2) + "\n", encoding="utf-8")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -165,12 +161,6 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
             total = sum(t.numel() * t.element_size() for t in hf.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
