@@ -12,9 +12,11 @@ from statetune.cli import COMMANDS, build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
-# flags of other programs that the docs quote (pip, pytest, torchrun), of the benchmark scripts, and of the
+# flags of other programs that the docs quote (pip, pytest, torchrun, lm_eval), of the benchmark scripts, and of the
 # shell scripts (scripts/test.sh's --no-install)
-OTHER_PROGRAMS = {"--nproc_per_node", "--standalone", "--upgrade", "--quiet", "--durations"} | {
+LM_EVAL = {"--model_args", "--batch_size", "--tasks", "--include_path", "--output_path", "--log_samples",
+           "--apply_chat_template", "--gen_kwargs"}
+OTHER_PROGRAMS = {"--nproc_per_node", "--standalone", "--upgrade", "--quiet", "--durations"} | LM_EVAL | {
     m.group(1) for f in (ROOT / "benchmarks").rglob("*.py")
     for m in re.finditer(r"add_argument\(\s*\"(--[a-z0-9_-]+)\"", f.read_text())} | {
     m.group(1) for f in (ROOT / "scripts").glob("*.sh") for m in re.finditer(r"= \"(--[a-z0-9-]+)\"", f.read_text())}
