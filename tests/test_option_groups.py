@@ -110,15 +110,17 @@ def test_the_three_refuse_the_same_out_of_bounds_values(name):
     pytest.importorskip("pydantic")
     from statetune.serve.errors import ApiError
     from statetune.serve.prompts import Limits, sampling_params
-    from statetune.serve.schemas import CompletionRequest
+    from statetune.serve.schemas import ChatRequest
 
     value = BAD[name]
     with pytest.raises(SamplingError, match=name):
         SamplingParams(**{name: value})
     with pytest.raises(OptionError, match=f"--{name.replace('_', '-')}"):
         GenerateOptions(model="m", prompt="x", **{name: value})
+    # chat: completions alone take max_tokens 0 (score the prompt, generate nothing; tests/test_serve_scoring.py)
     with pytest.raises(ApiError, match=name):
-        sampling_params(CompletionRequest(model="m", prompt="x", **{name: value}), [], [0], Limits())
+        sampling_params(ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], **{name: value}), [], [0],
+                        Limits())
     edge = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1e-3, "max_tokens": 1, "seed": 0}
     SamplingParams(**{name: edge[name]})
     GenerateOptions(model="m", prompt="x", **{name: edge[name]})
