@@ -13,6 +13,7 @@ from statetune.errors import OptionError
 from statetune.options import flag, h
 from statetune.runtime import STATE_SCALE_HELP, ModelOptions, check_state_scale
 from statetune.serve import startup
+from statetune.serve.fdlimits import ConnectionLimits, connection_limits
 from statetune.serve.startup import bound_socket
 
 if TYPE_CHECKING:
@@ -62,6 +63,15 @@ class ServeOptions(ModelOptions):
         "first use."))
     playground: bool | None = field(default=None, metadata=h(
         "Serve the playground page at / (default: on when listening on loopback only)."))
+    max_connections: int | None = field(default=None, metadata=h(
+        "Most connections open at once (default: 3/4 of the open-file limit, ulimit -n, at most 4096). At the "
+        "cap a new connection closes the one idle longest; when all have a request in progress it gets 503."))
+    header_timeout: float = field(default=10.0, metadata=h(
+        "Seconds a connection gets to send a request's complete headers; slower ones are closed."))
+    keep_alive_timeout: float = field(default=5.0, metadata=h(
+        "Seconds an idle connection is kept open between requests."))
+    max_api_states: int = field(default=32, metadata=h(
+        "Most state files POST /v1/states may write to --states DIR (\"persist\": true); 0: none."))
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_batch_size", "max_prompt_tokens", "prefill_tokens",
@@ -76,6 +86,15 @@ class ServeOptions(ModelOptions):
             raise OptionError(f"--grace-period: must be a finite number, got {self.grace_period}")
         if self.grace_period < 0:
             raise OptionError(f"--grace-period: must be 0 or more, got {self.grace_period}")
+        for name in ("header_timeout", "keep_alive_timeout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise OptionError(f"{flag(name)}: must be a finite number of seconds above 0, got {value}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise OptionError(f"--max-connections: must be at least 1, got {self.max_connections}")
+        if self.max_api_states < 0:
+            raise OptionError(f"--max-api-states: must be 0 or more, got {self.max_api_states}")
+        self.connection_limits()  # the cap must leave files free under this process's open-file limit
         self.check_model_options()
         check_state_scale(self.state_scale)
         if self.model_name is not None and not self.model_name.strip():
@@ -90,6 +109,10 @@ class ServeOptions(ModelOptions):
     @property
     def base_name(self) -> str:
         return self.model_name or Path(self.model).stem
+
+    def connection_limits(self) -> ConnectionLimits:
+        """The connection bounds these options ask for, checked against the open-file limit."""
+        return connection_limits(self.max_connections, self.header_timeout, self.keep_alive_timeout)
 
     def key(self) -> str | None:
         """The API key: the flag, else the environment variable, else none."""
@@ -110,7 +133,8 @@ def make_server(opts: ServeOptions, service: Service | None = None) -> Server:
     """The uvicorn server for ``opts`` (building the service unless given)."""
     return startup.make_server(service or build_service(opts), host=opts.host, port=opts.port, api_key=opts.key(),
                                playground=opts.serves_playground, access_log=opts.access_log,
-                               grace_period=opts.grace_period)
+                               grace_period=opts.grace_period, limits=opts.connection_limits(),
+                               max_api_states=opts.max_api_states)
 
 
 def serve(opts: ServeOptions) -> int:

@@ -41,9 +41,10 @@ log = logging.getLogger("statetune.serve")
 
 
 def create_app(service: Service, api_key: str | None = None, max_body: int = 4 << 20, playground: bool = False,
-               access_log: bool = False) -> AccessLog:
+               access_log: bool = False, max_api_states: int = 32) -> AccessLog:
     """The ASGI application: the routes behind the API-key and body-size guard, behind the access log (which
-    counts every answer in ``/metrics`` and, with ``access_log``, logs it as one JSON line).
+    counts every answer in ``/metrics`` and, with ``access_log``, logs it as one JSON line); at most
+    ``max_api_states`` state files may be written over the API.
 
     The batcher thread starts with the app and stops (cancelling what is left) when the app shuts down.
     """
@@ -62,7 +63,7 @@ def create_app(service: Service, api_key: str | None = None, max_body: int = 4 <
     app.state.service = service
     _errors(app)
     _routes(app, service)
-    add_state_routes(app, service)
+    add_state_routes(app, service, max_api_states)
     add_tokenizer_routes(app, service)
     if playground:
         add_playground(app)

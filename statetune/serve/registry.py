@@ -65,8 +65,9 @@ class Entry:
 
     @property
     def deletable(self) -> bool:
-        """Created over the API (in memory, or persisted by it): ``DELETE /v1/states/NAME`` may remove it."""
-        return self.origin == "api" or self.metadata.get("created_by") == "api"
+        """Created over the API and kept in memory; a file's metadata never makes it deletable (the files the
+        server wrote are in its ledger, :mod:`statetune.serve.ledger`)."""
+        return self.origin == "api"
 
 
 @dataclass

@@ -4,6 +4,8 @@ Shutdown goes: stop accepting connections; refuse new requests with 503; wait up
 the requests in flight; end the rest with an error event (streams still end with ``data: [DONE]``) or a
 503; then let uvicorn close the connections and run the app's shutdown, which stops the engine thread.
 A second Ctrl-C skips the wait.
+
+While it runs, repeated warnings are logged once per interval (:mod:`statetune.serve.logfilter`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 
 import uvicorn
 
+from statetune.serve.logfilter import quiet_repeats
 from statetune.serve.service import Service
 
 log = logging.getLogger("statetune.serve")
@@ -25,6 +28,10 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self.service, self.grace = service, grace
         self.urls: list[str] = []
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        with quiet_repeats():
+            await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

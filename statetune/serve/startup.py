@@ -7,6 +7,7 @@ the server listens; a state that does not fit is reported and skipped. See docs/
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from pathlib import Path
@@ -14,12 +15,14 @@ from typing import TYPE_CHECKING
 
 from statetune.errors import OptionError
 from statetune.runtime import ModelOptions
+from statetune.serve.fdlimits import ConnectionLimits, connection_limits
 
 if TYPE_CHECKING:
     from statetune.serve.server import Server
     from statetune.serve.service import Service
 
 log = logging.getLogger("statetune.serve")
+MAX_HEADER_BYTES = 16 << 10  # a request's headers, all together (h11's own default, stated)
 
 
 def build_service(runtime: ModelOptions, *, states: str | Path | None = None, base_name: str,
@@ -56,25 +59,35 @@ def build_service(runtime: ModelOptions, *, states: str | Path | None = None, ba
 
 
 def make_server(service: Service, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                playground: bool = False, access_log: bool = False, grace_period: float = 10.0) -> Server:
-    """The uvicorn server for ``service``; ``run()`` it, or ``run(sockets=[...])`` on a socket bound already."""
+                playground: bool = False, access_log: bool = False, grace_period: float = 10.0,
+                limits: ConnectionLimits | None = None, max_api_states: int = 32) -> Server:
+    """The uvicorn server for ``service``; ``run()`` it, or ``run(sockets=[...])`` on a socket bound already.
+
+    Connections are bounded by ``limits`` (default: from the open-file limit, see
+    :mod:`statetune.serve.fdlimits`), through the h11 protocol of :mod:`statetune.serve.connections`."""
     import uvicorn
 
     from statetune.serve.app import create_app
+    from statetune.serve.connections import BoundedH11Protocol
     from statetune.serve.server import Server
 
-    app = create_app(service, api_key, playground=playground, access_log=access_log)
+    limits = limits or connection_limits(None)
+    app = create_app(service, api_key, playground=playground, access_log=access_log, max_api_states=max_api_states)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=5, server_header=False)
+                            lifespan="on", timeout_graceful_shutdown=5, server_header=False,
+                            http=functools.partial(BoundedH11Protocol, limits=limits), backlog=limits.backlog,
+                            timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return Server(config, service, grace_period)
 
 
 def run_server(server: Server, host: str, port: int) -> int:
-    """Run ``server`` until Ctrl-C or SIGTERM; returns 0, or 1 when it never started."""
+    """Run ``server`` until Ctrl-C or SIGTERM; returns 130 once it has stopped on one (the CLI makes that 143
+    after SIGTERM), 0 when it stopped on its own, 1 when it never started."""
+    interrupted = False
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, once it has shut down cleanly
-        pass
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on, once it has shut down cleanly
+        interrupted = True
     except (OSError, SystemExit) as e:  # uvicorn logs why it cannot listen, then exits
         if server.started:
             raise
@@ -82,7 +95,9 @@ def run_server(server: Server, host: str, port: int) -> int:
                           + (f": {e}" if isinstance(e, OSError) else " (see the error above)")) from None
     if server.started:
         log.info("stopped")
-    return 0 if server.started else 1
+    if not server.started:
+        return 1
+    return 130 if interrupted else 0
 
 
 def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

@@ -4,8 +4,11 @@
 and serves the state reached as a new name: in memory, or with ``"persist": true`` written to the states
 directory too. A name is checked (letters, digits, ``.``, ``_``, ``-``; it starts with a letter or digit; at
 most 64 characters) before anything else, so it can never be a path; the file it is written to is the name
-plus ``.safetensors``, inside ``--states`` DIR and nowhere else, and an existing file is never overwritten.
-Only states created this way can be deleted. Like every ``/v1`` route these need the API key when one is set.
+plus ``.safetensors``, inside ``--states`` DIR and nowhere else, and an existing file is never overwritten;
+at most ``--max-api-states`` files are written this way. Only states created this way can be deleted: those
+kept in memory, and the files the server's own :class:`~statetune.serve.ledger.Ledger` records as written by
+it, unchanged since (never by what a file's metadata says). Like every ``/v1`` route these need the API key
+when one is set.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import Field
 from statetune.infer.sampling import SamplingParams
 from statetune.serve.accesslog import request_info
 from statetune.serve.errors import ApiError
+from statetune.serve.ledger import Ledger
 from statetune.serve.prompts import encode_text
 from statetune.serve.registry import SUFFIX, Entry
 from statetune.serve.schemas import _Strict
@@ -49,23 +53,30 @@ def check_name(name: str) -> str:
     return name
 
 
-def describe(entry: Entry, service: Service) -> dict[str, Any]:
+def describe(entry: Entry, service: Service, ledger: Ledger | None = None) -> dict[str, Any]:
     reg = service.registry
-    return {"id": entry.name, "object": "state", "origin": entry.origin, "deletable": entry.deletable,
+    return {"id": entry.name, "object": "state", "origin": entry.origin, "deletable": deletable(entry, ledger),
             "token_shift": entry.has_shift, "file": entry.path.name if entry.path else None,
             "loaded": reg.is_loaded(entry)}
 
 
-def add_state_routes(app: FastAPI, service: Service) -> None:
+def deletable(entry: Entry, ledger: Ledger | None, digest: bool = False) -> bool:
+    """Created over the API: kept in memory, or a file the ledger says this server wrote (``digest``: its
+    contents checked too, as before deleting it)."""
+    return entry.deletable or (ledger is not None and ledger.owns(entry.name, entry.path, digest))
+
+
+def add_state_routes(app: FastAPI, service: Service, max_api_states: int = 32) -> None:
     registry, tokenizer, limits = service.registry, service.tokenizer, service.limits
+    ledger = Ledger(registry.states_dir) if registry.states_dir is not None else None
 
     @app.get("/v1/states")
     async def list_states() -> dict[str, Any]:
         """Every served state (where it comes from, whether it is in memory) and the files skipped."""
-        return {"object": "list", "data": [describe(e, service) for e in registry.entries()],
+        return {"object": "list", "data": [describe(e, service, ledger) for e in registry.entries()],
                 "skipped": registry.skipped, "max_loaded_states": registry.max_loaded}
 
-    creating = asyncio.Lock()  # one create at a time: a name is checked and taken in one step
+    creating = asyncio.Lock()  # one create or delete at a time: a name is checked and taken in one step
 
     @app.post("/v1/states")
     async def create(body: CreateState, request: Request) -> JSONResponse:
@@ -100,6 +111,10 @@ def add_state_routes(app: FastAPI, service: Service) -> None:
             if path.parent.resolve() != registry.states_dir.resolve() or path.exists():
                 raise ApiError(409, f"name: the file {path.name} exists already in the states directory", "name",
                                code="state_exists")
+            if ledger.count() >= max_api_states:
+                raise ApiError(403, f"persist: this server writes at most {max_api_states} state files over the "
+                               "API (--max-api-states); delete some, or create without \"persist\"", "persist",
+                               code="state_quota_exceeded")
         if path is None and sum(e.origin == "api" for e in registry.entries()) >= registry.max_loaded:
             raise ApiError(409, f"at most {registry.max_loaded} states can be kept in memory (--max-loaded-states); "
                            "delete some, or create with \"persist\": true", code="too_many_states")
@@ -114,21 +129,26 @@ def add_state_routes(app: FastAPI, service: Service) -> None:
             from statetune.tuning.statefile import save_state
 
             await asyncio.to_thread(save_state, path, state, service.model, meta, True)
+            ledger.record(name, path)
         try:
             entry = registry.add(name, state, meta, path)
         except ValueError as e:
             raise ApiError(409, f"name: {e}", "name", code="state_exists") from None
-        return JSONResponse({**describe(entry, service), "tokens": len(ids), "persisted": path is not None},
+        return JSONResponse({**describe(entry, service, ledger), "tokens": len(ids), "persisted": path is not None},
                             status_code=201)
 
     @app.delete("/v1/states/{name}")
     async def delete(name: str) -> dict[str, Any]:
-        entry = service.lookup(name)
-        if not entry.deletable:
-            raise ApiError(403, f"{name!r} was not created over the API; only such states can be deleted "
-                           "(remove its file and reload instead)", "name", code="not_deletable")
-        await asyncio.to_thread(registry.remove, entry)
-        return {"id": name, "object": "state", "deleted": True}
+        async with creating:
+            entry = service.lookup(name)
+            if not await asyncio.to_thread(deletable, entry, ledger, True):
+                raise ApiError(403, f"{name!r} was not created over the API by this server, or its file has changed "
+                               "since; only such states can be deleted (remove its file and reload instead)", "name",
+                               code="not_deletable")
+            await asyncio.to_thread(registry.remove, entry)
+            if ledger is not None:
+                ledger.forget(name)
+            return {"id": name, "object": "state", "deleted": True}
 
 
 async def _capture(service: Service, ids: list[int], source: Entry | None, request: Request):
