@@ -6,7 +6,6 @@ A multi-GB JSONL file is never held in memory: one pass records each line's byte
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from statetune import strict_json
 from statetune.errors import DataError
 
 
@@ -25,9 +25,11 @@ class Example:
 
 def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
     try:
-        rec = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: invalid JSON: {e}") from None
+        rec = strict_json.loads(line)
+    except strict_json.StrictJSONError as e:
+        raise DataError(f"{where}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(rec, dict):
