@@ -266,3 +266,18 @@ def test_a_safetensors_state_whose_length_starts_like_a_pickle_keeps_its_metadat
     assert path.read_bytes()[0] == 0x80
     meta = statetune.load_state(path, model).metadata
     assert meta["prompt_template"] == "{q}" and meta["model_fingerprint"] == model.fingerprint()
+
+
+@pytest.mark.parametrize("mask", ["[0, 1.0]", "[0, true]"])
+def test_tokenized_data_takes_masks_by_prepares_rule(tmp_path, mask):
+    src = tmp_path / "d.jsonl"
+    src.write_text(f'{{"text": [1, 2], "mask": {mask}}}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'mask' must hold only 0 and 1"):
+        TokenDataset(src)
+
+
+def test_a_complex_state_is_refused_naming_the_key(tiny, tmp_path, capsys):
+    state = tmp_path / "c.pth"
+    torch.save({f"blocks.{i}.att.time_state": torch.zeros(2, 8, 8, dtype=torch.complex64) for i in range(2)}, state)
+    fails(capsys, ["state", "info", state], RUNTIME, f"{state}: blocks.0.att.time_state: expected a floating-point "
+          "tensor, found torch.complex64")

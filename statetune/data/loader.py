@@ -44,7 +44,7 @@ def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
     if not isinstance(mask, list) or len(mask) != len(ids):
         raise DataError(f"{where}: field 'mask' must be a list as long as 'text' ({len(ids)}), "
                         f"got {len(mask) if isinstance(mask, list) else type(mask).__name__}")
-    if any(m not in (0, 1) or isinstance(m, bool) for m in mask):
+    if any(type(m) is not int or m not in (0, 1) for m in mask):  # prepare's rule: 1.0 and true are no mask
         raise DataError(f"{where}: field 'mask' must hold only 0 and 1")
     if vocab_size is not None:
         bad = next((t for t in ids if t < 0 or t >= vocab_size), None)

@@ -97,7 +97,7 @@ def _check_tensors(tensors: dict, where: Path) -> None:
             raise StateFileError(f"{where}: {k}: expected a tensor, found a {type(t).__name__}")
         if not t.is_floating_point():
             raise StateFileError(f"{where}: {k}: expected a floating-point tensor, found {t.dtype} "
-                                 "(an integer or boolean tensor is not a state)")
+                                 "(an integer, boolean or complex tensor is not a state)")
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise StateFileError(f"{where}: {k}: {bad} of {t.numel()} values are NaN or infinite")
