@@ -102,10 +102,15 @@ def _coerce(name: str, tp: Any, value: Any, parse: Any = None) -> Any:
             return Path(value)
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if tp in (int, float, str, bool) and not isinstance(value, tp):
-            raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
-        if typing.get_origin(tp) is list and not isinstance(value, list):
-            raise TypeError(f"expected a list, got {type(value).__name__}")
+        if tp in (int, float, str, bool):
+            _check_type(value, tp)
+        if typing.get_origin(tp) is list:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            (inner,) = typing.get_args(tp)
+            for k, item in enumerate(value):
+                if inner in (int, float, str):
+                    _check_type(item, inner, f"item {k}: ")
         if typing.get_origin(tp) is list and typing.get_args(tp) == (float,):
             value = [_finite(float(v) if isinstance(v, int) and not isinstance(v, bool) else v) for v in value]
         elif tp is float:
@@ -121,6 +126,16 @@ def _coerce(name: str, tp: Any, value: Any, parse: Any = None) -> Any:
             choices = f" (choose from {', '.join(m.value for m in tp)})"
         raise OptionError(f"{flag(name)}: invalid value {value!r}{choices}: {e}") from None
     return value
+
+
+def _check_type(value: Any, tp: type, where: str = "") -> None:
+    """A TypeError unless ``value`` is a ``tp``; a bool is no number (``true`` in TOML is not 1), an int is a
+    float."""
+    ok = isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise TypeError(f"{where}expected {tp.__name__}, got {type(value).__name__}")
 
 
 #: Path options for which an empty string is a mistake (an output ``''`` would mean the current directory).
@@ -161,8 +176,10 @@ def load_toml(path: str | Path, cls: type, obsolete: tuple[str, ...] = ()) -> di
     except RecursionError:
         raise OptionError(f"--config: {p} is nested too deeply to read") from None
     by_group: dict[str | None, set[str]] = {}
-    for f, _, group in leaves(cls):
+    types: dict[str, tuple[Any, Any]] = {}
+    for f, tp, group in leaves(cls):
         by_group.setdefault(group, set()).add(f.name)
+        types[f.name] = (tp, f.metadata.get("parse"))
     names = set().union(*by_group.values())
     out: dict[str, Any] = {}
     for k, v in raw.items():
@@ -173,19 +190,25 @@ def load_toml(path: str | Path, cls: type, obsolete: tuple[str, ...] = ()) -> di
                 if inner not in by_group[key]:
                     raise OptionError(f"--config: {p}: unknown option {k}.{ik!r} in table [{k}] (known: "
                                       f"{', '.join(sorted(by_group[key]))})")
-                _put(out, inner, iv, p)
+                _put(out, inner, iv, p, types[inner], f"{k}.{ik}")
         elif key in obsolete:
             continue
         elif key not in names:
             raise OptionError(f"--config: {p}: unknown option {k!r} (known: {', '.join(sorted(names))})")
         else:
-            _put(out, key, v, p)
+            _put(out, key, v, p, types[key], k)
     return out
 
 
-def _put(out: dict[str, Any], key: str, value: Any, path: Path) -> None:
+def _put(out: dict[str, Any], key: str, value: Any, path: Path, typed: tuple[Any, Any], spelled: str) -> None:
+    """Set one option read from ``path``, type-checked as the flag would be (a TOML ``true`` is no number);
+    the error names the file and the key as the file spells it."""
     if key in out:
         raise OptionError(f"--config: {path}: {key!r} is set twice (at the top and in its table)")
+    try:
+        _coerce(key, typed[0], value, typed[1])
+    except OptionError as e:
+        raise OptionError(f"{e} (key {spelled!r} of {path})") from None
     out[key] = value
 
 

@@ -7,7 +7,6 @@ dtype, pick a tokenizer and check that it fits the model the same way (they used
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from statetune import strict_json
 from statetune.device import resolve_device
 from statetune.errors import OptionError, StatetuneError
 from statetune.model.state import RWKVState
@@ -47,9 +47,17 @@ def dataset_meta(path: str | Path) -> dict[str, Any]:
     if not meta.is_file():
         return {}
     try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise StatetuneError(f"{meta}: invalid JSON: {e}") from None
+        value = strict_json.loads(meta.read_bytes())
+    except strict_json.StrictJSONError as e:
+        raise StatetuneError(f"{meta}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise StatetuneError(f"{meta}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise StatetuneError(f"{meta}: JSON nested too deeply to read") from None
+    if not isinstance(value, dict):
+        raise StatetuneError(f"{meta}: expected a JSON object (the metadata prepare writes), got "
+                             f"{type(value).__name__}")
+    return value
 
 
 def pick_tokenizer(name: str, meta: dict[str, Any], vocab_size: int) -> Tokenizer:

@@ -6,7 +6,6 @@ A multi-GB JSONL file is never held in memory: one pass records each line's byte
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from statetune import strict_json
 from statetune.errors import DataError
 
 
@@ -25,9 +25,11 @@ class Example:
 
 def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
     try:
-        rec = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: invalid JSON: {e}") from None
+        rec = strict_json.loads(line)
+    except strict_json.StrictJSONError as e:
+        raise DataError(f"{where}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(rec, dict):
@@ -42,7 +44,7 @@ def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
     if not isinstance(mask, list) or len(mask) != len(ids):
         raise DataError(f"{where}: field 'mask' must be a list as long as 'text' ({len(ids)}), "
                         f"got {len(mask) if isinstance(mask, list) else type(mask).__name__}")
-    if any(m not in (0, 1) or isinstance(m, bool) for m in mask):
+    if any(type(m) is not int or m not in (0, 1) for m in mask):  # prepare's rule: 1.0 and true are no mask
         raise DataError(f"{where}: field 'mask' must hold only 0 and 1")
     if vocab_size is not None:
         bad = next((t for t in ids if t < 0 or t >= vocab_size), None)

@@ -8,11 +8,11 @@ lines come out as raw bytes, parsed later (possibly in a worker process) by ``pa
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from statetune import strict_json
 from statetune.data.fields import RecordError
 from statetune.errors import DataError
 
@@ -45,18 +45,19 @@ def read_jsonl(path: Path) -> Iterator[Item]:
 
 
 def parse_json_line(raw: bytes) -> dict[str, Any]:
-    """One JSONL line as an object; raises ``RecordError`` for invalid UTF-8, invalid JSON, a non-object."""
+    """One JSONL line as an object; raises ``RecordError`` for invalid UTF-8, invalid JSON, a non-object, and
+    what Python's ``json`` would let through: ``NaN``/``Infinity``, overflowing numbers, repeated keys."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecordError("record", f"invalid UTF-8 at byte {e.start} of the line") from None
     try:
-        value = json.loads(text)
+        value = strict_json.loads(text)
     except RecursionError:
         raise RecordError("record", "JSON nested too deeply to read") from None
-    except json.JSONDecodeError as e:
+    except strict_json.StrictJSONError as e:
         hint = " (a JSON array? expected one JSON object per line)" if text.lstrip().startswith("[") else ""
-        raise RecordError("record", f"invalid JSON: {e.msg} at column {e.colno}{hint}") from None
+        raise RecordError("record", f"{e.msg}{hint}") from None
     if not isinstance(value, dict):
         raise RecordError("record", f"expected a JSON object, got {type(value).__name__}")
     return value

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from statetune.data.fields import Template, text_field
-from statetune.data.formats import Format, detect_format
+from statetune.data.fields import Template, field_names, text_field
+from statetune.data.formats import Format
 from statetune.data.readers import parse_json_line, read_items
 from statetune.errors import DataError, OptionError, RecordError
 from statetune.infer.engine import Completion, Engine
@@ -27,6 +27,25 @@ from statetune.tokenizer import Tokenizer
 
 log = logging.getLogger("statetune.generate")
 Records = list[tuple[dict[str, Any], list[int]]]
+
+
+#: The record shapes whose prompt is known without a template (docs/generate.md lists the same).
+PROMPT_SHAPES = "a field prompt, input, instruction (+ input) or messages"
+
+
+def prompt_format(record: dict[str, Any]) -> Format | None:
+    """The format whose prompt template reads ``record``: the formats ``prepare`` detects, matched on their
+    prompt fields alone (a record to generate for has no completion yet), in the order of docs/generate.md
+    with ``instruction`` before ``input`` (instruction records may have an input too)."""
+    if "messages" in record:
+        return Format.CHAT
+    if "instruction" in record:
+        return Format.INSTRUCTION
+    if "prompt" in record:
+        return Format.PROMPT_COMPLETION
+    if "input" in record:
+        return Format.INPUT_OUTPUT
+    return None
 
 
 class RecordPrompts(Prompts):
@@ -44,12 +63,12 @@ class RecordPrompts(Prompts):
             return self.from_text(text_field(record, self.field), "--prompt-field")
         template, no_input = self.template, self.no_input
         if template is None or (self.chat and "messages" in record):
-            fmt = detect_format(record)
+            fmt = prompt_format(record)
             if fmt is Format.CHAT:
                 return chat_prompt(record["messages"])
-            if fmt is None or fmt in (Format.TEXT, Format.TOKENIZED):
-                raise RecordError("record", f"cannot tell the prompt from fields {', '.join(map(repr, record))}; "
-                                  "give --prompt-field or --prompt-template")
+            if fmt is None:
+                raise RecordError("record", f"cannot tell the prompt from {field_names(record)}; expected "
+                                  f"{PROMPT_SHAPES}, or give --prompt-field or --prompt-template")
             t = templates_for(fmt)
             template, no_input = t["prompt_template"], t["prompt_template_no_input"]
         full = Template(template, "prompt template")

@@ -45,27 +45,34 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return sd
 
 
-INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
 def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a checkpoint file or Hugging Face directory, under official names, all floating point.
-
-    Integer-quantised weights (int8/uint8 and the scales beside them) would be read as plain numbers and
-    give a silently wrong model, so they are refused by name.
-    """
+    """The tensors of a checkpoint file or Hugging Face directory, under official names, all real floating
+    point (see :func:`check_weight_dtypes`)."""
     if Path(path).is_dir():
         from statetune.model.hf import read_hf_dir
 
         sd = read_hf_dir(path)
     else:
         sd = dict(read_state_dict(path))
-    quantised = sorted(k for k, v in sd.items() if v.dtype in INTEGER_DTYPES)
-    if quantised:
-        raise CheckpointError(
-            f"{path}: {len(quantised)} tensor(s) hold integer (quantised) weights, e.g. {quantised[0]} "
-            f"({sd[quantised[0]].dtype}); statetune needs fp32/bf16/fp16 weights: use the unquantised checkpoint")
+    check_weight_dtypes(sd, path)
     return sd
+
+
+def check_weight_dtypes(sd: dict[str, Tensor], where: str | Path) -> None:
+    """Refuse any tensor that is not real floating point, naming the file and the first such tensor.
+
+    Integer-quantised weights (int8/uint8 and the scales beside them) would be read as plain numbers, a
+    complex tensor would lose its imaginary part in the cast and a boolean one would become 0/1: each gives
+    a silently wrong model, so they are refused rather than converted.
+    """
+    bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if not bad:
+        return
+    first = sd[bad[0]]
+    kind = ("complex" if first.is_complex() else "boolean" if first.dtype == torch.bool
+            else "integer (quantised)")
+    raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold {kind} weights, e.g. {bad[0]} ({first.dtype}); "
+                          f"statetune needs fp32/bf16/fp16 weights: use the unquantised checkpoint")
 
 
 def read_vocab_size(path: str | Path) -> int:

@@ -4,8 +4,9 @@ A safetensors file starts with an 8-byte little-endian length and that many byte
 tensor (``dtype``, ``shape``, ``data_offsets``) and ``__metadata__``. Reading only that lets a server index
 thousands of state files at start in the time it takes to open them, and refuse, before any request, a file
 that cannot fit the model (missing layers, other shapes, a non-float dtype, token-shift vectors for some
-layers only, keys that are no state key, another model's fingerprint). The key and shape rules are the
-state reader's own (``tuning/keys.py``); the values themselves are checked when the state is first read.
+layers only, keys that are no state key, another model's fingerprint, metadata ``load_state`` refuses). The
+key, shape and metadata rules are the state reader's own (``tuning/keys.py``, ``tuning/statefile.py``); the
+values themselves are checked when the state is first read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from statetune.tuning.keys import (
     layer_shapes,
     layers_by_key,
 )
+from statetune.tuning.statefile import check_metadata
 
 MAX_HEADER = 16 << 20  # a state file's header is a few KB; anything near this is not a state file
 
@@ -104,6 +106,7 @@ def index_state(path: Path, model, fingerprint: str) -> Header:
     if fp is not None and fp != fingerprint:
         raise StateFileError(f"{path}: state was trained on a different base model (fingerprint {fp}, this "
                              f"model's is {fingerprint})")
+    check_metadata(meta, path, cfg.vocab_size)  # the metadata rules of load_state, so no request meets them
     return Header(meta, nbytes, has_shift)
 
 

@@ -89,7 +89,7 @@ class Run:
                 "baseline_val": self.baseline_val,
                 "bad_evals": self.bad_evals, "elapsed": self.elapsed, "tunable": self.tunable.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "data": self.fingerprint,
-                "model_fingerprint": self.model.fingerprint(),
+                "model_fingerprint": self.model.fingerprint(), "config": rundir.recorded_config(self.config),
                 **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def restore(self, ck: dict) -> None:
@@ -228,6 +228,7 @@ def _train(config: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
     ck = load_latest(run.run_dir, set_aside=d.main) if resume else None
     if ck is not None:
         rundir.check_same_inputs(ck.payload, run.model.fingerprint(), run.fingerprint, ck.path)
+        rundir.check_same_config(ck.payload, config, ck.path)
         run.restore(ck.payload)
         rundir.check_length(run.step, run.total_steps, ck.path)
         log.info("resuming %s at step %d", run.run_dir, run.step)

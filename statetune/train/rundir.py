@@ -148,6 +148,31 @@ def check_length(step: int, total_steps: int, where: Path) -> None:
                           f"already at step {step}; give a longer run (or use its state files as they are)")
 
 
+# -- the config a checkpoint was trained with ----------------------------------------------------------------
+def recorded_config(config: TrainConfig) -> dict[str, Any]:
+    """The run's options as plain values (choices as their text, paths as text), kept in every checkpoint so
+    that a resume can tell a hand-edited ``config.toml`` from the run's own."""
+    return {k: str(v) if isinstance(v, Path) else getattr(v, "value", v) for k, v in flatten(config).items()}
+
+
+def check_same_config(payload: dict[str, Any], config: TrainConfig, where: Path) -> None:
+    """Refuse to resume with options that differ from those the checkpoint ``where`` recorded, except the
+    ones that may change (``MAY_CHANGE``, ``MAY_MOVE``); checkpoints from before options were recorded have
+    nothing to compare."""
+    recorded = payload.get("config")
+    if not isinstance(recorded, dict):
+        return
+    current = recorded_config(config)
+    fixed = MAY_CHANGE + MAY_MOVE + ("out",)
+    clash = [f"{k} = {_show(current[k])} differs from {_show(v)}" for k, v in recorded.items()
+             if k in current and k not in fixed and current[k] != v]
+    if clash:
+        cfg = Path(config.out) / "config.toml"
+        raise StatetuneError(f"--resume: {cfg}: {'; '.join(clash)}, the value {where} was trained with; only "
+                             f"{', '.join(MAY_CHANGE)} may change when resuming: restore the file, or start a new "
+                             f"run to change the others")
+
+
 # -- data fingerprints ----------------------------------------------------------------------------------------
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """Name, size and SHA-256 of a file, read in 1 MiB blocks."""

@@ -7,12 +7,12 @@ Both the full state reader (``tuning/reading.py``) and the header-only index of 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from statetune import strict_json
 from statetune.model.state import RWKVState
 
 FORMAT = "statetune-state/1"
@@ -57,12 +57,13 @@ def layer_shapes(n_head: int, head_size: int) -> dict[str, list[int]]:
 
 
 def decode_metadata(raw: dict[str, str] | None) -> dict[str, Any]:
-    """Metadata values as statetune writes them: JSON where they parse as JSON, text otherwise."""
+    """Metadata values as statetune writes them: JSON where they parse as standard JSON, text otherwise (so
+    ``NaN`` stays the text it was, never a float)."""
     out: dict[str, Any] = {}
     for k, v in (raw or {}).items():
         try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, RecursionError):
+            out[k] = strict_json.loads(v)
+        except (strict_json.StrictJSONError, RecursionError):
             out[k] = v
     return out
 

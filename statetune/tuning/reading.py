@@ -42,12 +42,19 @@ def read_file(path: str | Path) -> StateFile:
     if not p.is_file():
         raise StateFileError(f"{p}: no such state file")
     with p.open("rb") as fh:
-        head = fh.read(4)
+        head = fh.read(9)
     if not head:
         raise StateFileError(f"{p}: empty file, not a state")
+    if _is_safetensors(head, p.stat().st_size):  # first: its length prefix may begin with the pickle byte
+        return _read_safetensors(p)
     if head.startswith(_ZIP) or head.startswith(_PICKLE):
         return _read_torch(p)
     return _read_safetensors(p)
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the header's opening ``{``."""
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _read_safetensors(p: Path) -> StateFile:
@@ -90,7 +97,7 @@ def _check_tensors(tensors: dict, where: Path) -> None:
             raise StateFileError(f"{where}: {k}: expected a tensor, found a {type(t).__name__}")
         if not t.is_floating_point():
             raise StateFileError(f"{where}: {k}: expected a floating-point tensor, found {t.dtype} "
-                                 "(an integer or boolean tensor is not a state)")
+                                 "(an integer, boolean or complex tensor is not a state)")
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise StateFileError(f"{where}: {k}: {bad} of {t.numel()} values are NaN or infinite")

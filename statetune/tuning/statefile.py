@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from statetune._version import __version__
-from statetune.errors import StateFileError
+from statetune.errors import OptionError, StateFileError
 from statetune.fileio import atomic_write
 from statetune.model.state import RWKVState
 from statetune.tuning.keys import (
@@ -28,7 +28,7 @@ from statetune.tuning.keys import (
 from statetune.tuning.reading import from_tensors, is_ai00, read_file
 
 __all__ = ["AI00_FORMAT", "ATT_SHIFT_KEY", "FFN_SHIFT_KEY", "FORMAT", "WKV_KEY", "StateFile", "check_fits",
-           "from_tensors", "is_ai00", "load_state", "model_metadata", "save_state"]
+           "check_metadata", "from_tensors", "is_ai00", "load_state", "model_metadata", "save_state"]
 
 
 def model_metadata(model) -> dict[str, Any]:
@@ -77,12 +77,13 @@ def check_fits(sf: StateFile, model, where: str | Path, check_fingerprint: bool 
 
     The same check ``generate``, ``chat``, ``eval``, ``train --init``, ``serve`` and ``state info`` run:
     the number of layers, each tensor's shape (the message names the key, the expected and found shape),
-    values the model's dtype can hold, and the base model's fingerprint when the file records one.
+    values the model's dtype can hold, the base model's fingerprint when the file records one, and the
+    metadata those commands act on (:func:`check_metadata`).
     """
     cfg = model.config
     L = sf.state.wkv.shape[0]
     want = [cfg.n_head, cfg.head_size, cfg.head_size]
-    where = f"{where}: does not fit the model"
+    path, where = where, f"{where}: does not fit the model"
     model_desc = f"the model has {cfg.n_layer} layers of {cfg.n_head} heads x {cfg.head_size}"
     if L < cfg.n_layer:
         raise StateFileError(f"{where}: missing {WKV_KEY.format(i=L)}: expected shape {want}, found nothing "
@@ -105,3 +106,42 @@ def check_fits(sf: StateFile, model, where: str | Path, check_fingerprint: bool 
     if check_fingerprint and fp is not None and fp != model.fingerprint():
         raise StateFileError(f"{where}: the state was trained on a different base model (fingerprint {fp}, "
                              f"this model's is {model.fingerprint()})")
+    check_metadata(sf.metadata, path, cfg.vocab_size)
+
+
+def check_metadata(meta: dict[str, Any], path: str | Path, vocab_size: int) -> None:
+    """Raise :class:`StateFileError` naming the file and the key unless the metadata that commands act on
+    can be used as it is: the prompt templates (``generate``, ``chat``, ``serve`` wrap prompts in them), the
+    tokenizer (it must be one statetune has, with no more ids than the model's ``vocab_size``) and the
+    ``stop`` and ``eos`` markers."""
+    from statetune.prompts import parse_template
+    from statetune.tokenizer import TOKENIZER_NAMES, get_tokenizer, named_tokenizer
+
+    for key in ("prompt_template", "prompt_template_no_input"):
+        source = meta.get(key)
+        if source is None or source == "":
+            continue
+        if not isinstance(source, str):
+            raise StateFileError(f"{path}: metadata {key}: expected a template string, found {source!r}")
+        try:
+            parse_template(source, f"metadata {key}")
+        except OptionError as e:
+            raise StateFileError(f"{path}: {e}") from None
+    name = named_tokenizer(meta)
+    if name is not None:
+        if name not in TOKENIZER_NAMES:
+            raise StateFileError(f"{path}: metadata tokenizer: unknown tokenizer {name!r} (statetune has "
+                                 f"{', '.join(TOKENIZER_NAMES)})")
+        if get_tokenizer(name).vocab_size > vocab_size:
+            raise StateFileError(f"{path}: metadata tokenizer: {name} has {get_tokenizer(name).vocab_size} ids "
+                                 f"but the model's vocabulary has only {vocab_size}")
+    for key in ("stop", "eos"):
+        marker = meta.get(key)
+        if marker is None:
+            continue
+        ids = marker.get("ids") if isinstance(marker, dict) else None
+        if (not isinstance(marker, dict) or not isinstance(marker.get("text"), str | None)
+                or not isinstance(ids, list | None) or not all(type(i) is int and 0 <= i < vocab_size
+                                                               for i in ids or [])):
+            raise StateFileError(f"{path}: metadata {key}: expected {{\"text\": string or null, \"ids\": "
+                                 f"[token ids below {vocab_size}]}}, found {str(marker)[:80]}")
