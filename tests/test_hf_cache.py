@@ -143,7 +143,6 @@ def test_round_trip_and_layout(models):
     assert_states_close(hf_cache_to_state(after.past_key_values), expect, atol=2e-3, rtol=1e-3)
 
 
-@pytest.mark.slow
 def test_text_prompt_and_a_state_repeated_per_beam(models):
     ours, hf = models
     text = "Hello!"
