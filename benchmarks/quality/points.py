@@ -9,12 +9,13 @@ and two invocations running side by side do not lose each other's points. A file
 
 from __future__ import annotations
 
-import fcntl
 import json
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from benchio import write_json
+
+from statetune.locking import waiting
 
 from . import report
 
@@ -82,16 +83,10 @@ def merge(old: dict, new: dict) -> dict:
     return out
 
 
-@contextmanager
-def locked(path: Path):
-    """An exclusive lock on ``path``'s sibling ``.lock`` file for one read-merge-write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def locked(path: Path) -> AbstractContextManager[None]:
+    """An exclusive lock on ``path``'s sibling ``.lock`` file for one read-merge-write (statetune's own lock,
+    waiting its turn; the lock file is removed after each save)."""
+    return waiting(path.with_suffix(".lock"))
 
 
 def save(path: Path, mine: dict) -> dict:

@@ -76,7 +76,6 @@ def evaluate(opts: EvalOptions) -> int:
     from statetune.data.loader import TokenDataset
     from statetune.evaluate.compare import compare_states
     from statetune.evaluate.report import markdown_report, state_labels
-    from statetune.fileio import atomic_write
     from statetune.model.state import RWKVState
     from statetune.runtime import dataset_meta, pick_tokenizer
     from statetune.tuning.formats import read_any
@@ -108,10 +107,21 @@ def evaluate(opts: EvalOptions) -> int:
     md = markdown_report(report)
     print(md)
     if opts.out:
-        atomic_write(opts.out + ".md", lambda tmp: Path(tmp).write_text(md))
-        atomic_write(opts.out + ".json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2,
-                                                                                     ensure_ascii=False)))
+        write_report(opts.out, md, json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def write_report(out: str, md: str, js: str) -> None:
+    """Write ``OUT.md`` and ``OUT.json`` as one pair: both are replaced or neither, and two evals writing the
+    same ``--out`` take turns, so the pair always comes from one of them."""
+    from statetune.fileio import AtomicGroup
+    from statetune.locking import lock_beside, waiting
+
+    with AtomicGroup([out + ".md", out + ".json"]) as group, group.naming_destinations():
+        group.temps[0].write_text(md)
+        group.temps[1].write_text(js)
+        with waiting(lock_beside(out)):
+            group.commit()
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from statetune.errors import OptionError
 from statetune.options import accepts_flat, h
-from statetune.train import loop, rundir
+from statetune.train import loop, rundir, runlock
 from statetune.train.config import TrainConfig
 
 
@@ -41,6 +41,7 @@ def train(opts: TrainOptions) -> int:
     """Train a fresh run, or continue the one in ``--resume RUN`` (its config.toml, with the few changes
     allowed on resume taken from the other flags); returns the loop's exit status (130: interrupted)."""
     if opts.resume is not None:
+        runlock.check_free(opts.resume)  # a run writing there: say so, not what its half-written folder lacks
         config = rundir.resumed_config(opts.resume, rundir.explicit(opts.config()))
         return loop.train(config, resume=True)
     return loop.train(opts.config(), overwrite=opts.overwrite)

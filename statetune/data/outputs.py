@@ -1,4 +1,5 @@
-"""The output files of ``prepare``, committed together: every destination is replaced, or none is."""
+"""The output files of ``prepare``, committed together: every destination is replaced, or none is; two
+``prepare`` runs writing the same ``--out`` commit one after the other, so the set is always one run's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import IO
 
 from statetune.data.pipeline import ChunkResult
 from statetune.fileio import AtomicGroup
+from statetune.locking import lock_beside, waiting
 
 
 class Outputs:
@@ -35,7 +37,8 @@ class Outputs:
         with self._group.naming_destinations():  # a full disk may show only at the last flush, in close
             for fh in self._files:
                 fh.close()
-        self._group.commit()
+        with waiting(lock_beside(self._group.finals[0])):  # two prepares of one OUT: one's set, never a mix
+            self._group.commit()
 
     def __enter__(self) -> Outputs:
         return self

@@ -126,9 +126,9 @@ def add_state_routes(app: FastAPI, service: Service, max_api_states: int = 32) -
         if body.text is not None:
             meta["captured_prompt"] = body.text
         if path is not None:
-            from statetune.tuning.statefile import save_state
-
-            await asyncio.to_thread(save_state, path, state, service.model, meta, True)
+            if not await asyncio.to_thread(_persist, path, state, service.model, meta):
+                raise ApiError(409, f"name: the file {path.name} exists already in the states directory", "name",
+                               code="state_exists")
             ledger.record(name, path)
         try:
             entry = registry.add(name, state, meta, path)
@@ -149,6 +149,19 @@ def add_state_routes(app: FastAPI, service: Service, max_api_states: int = 32) -
             if ledger is not None:
                 ledger.forget(name)
             return {"id": name, "object": "state", "deleted": True}
+
+
+def _persist(path, state, model, meta: dict[str, Any]) -> bool:
+    """Write a new state file; False when one appeared since the name was checked (another server sharing
+    the states directory made it). Under a lock beside the file, so two servers never both write one name."""
+    from statetune.locking import lock_beside, waiting
+    from statetune.tuning.statefile import save_state
+
+    with waiting(lock_beside(path)):
+        if path.exists():
+            return False
+        save_state(path, state, model, meta, True)
+        return True
 
 
 async def _capture(service: Service, ids: list[int], source: Entry | None, request: Request):

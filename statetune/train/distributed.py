@@ -24,6 +24,16 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def worst(self, code: int) -> int:
+        """The largest of every rank's ``code`` (0: all is well), so that all ranks stop together when one
+        must; the ranks' only collective before the first step, so none waits on one that gave up."""
+        if self.world == 1:
+            return code
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([code], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

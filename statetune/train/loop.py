@@ -23,7 +23,7 @@ from statetune.errors import CheckpointError, DataError
 from statetune.model.checkpoint import load_model
 from statetune.objective import dataset_loss
 from statetune.runtime import dataset_meta, pick_tokenizer, resolve_dtype
-from statetune.train import guard, rundir
+from statetune.train import guard, rundir, runlock
 from statetune.train.checkpoint import load_latest, save_checkpoint
 from statetune.train.config import TrainConfig
 from statetune.train.distributed import Dist, init_distributed
@@ -207,18 +207,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 
     With ``resume`` the run continues from the newest intact checkpoint in ``config.out`` (``config`` is
     then the run's own, see :func:`statetune.train.rundir.resumed_config`). A fresh run into a folder holding
-    one is refused unless ``overwrite``; see docs/training.md. Returns 0 when training finished, 130 when
+    one is refused unless ``overwrite``, and so is a second run into a folder a run is writing to
+    (:mod:`statetune.train.runlock`); see docs/training.md. Returns 0 when training finished, 130 when
     interrupted (a checkpoint was saved: resume the run to continue).
     """
     config.check_inputs()
-    if not resume:
-        rundir.check_fresh(config, overwrite)
     if config.threads is not None:  # a field, so --config and the Python API can set it too
         torch.set_num_threads(config.threads)
     d = init_distributed(str(resolve_device(config.device)))
     torch.manual_seed(config.seed)
     try:
-        return _train(config, d, resume, overwrite)
+        with runlock.claimed(config, d, resume, overwrite):  # one run at a time in a folder, start to end
+            return _train(config, d, resume, overwrite)
     finally:
         d.close()
 
