@@ -17,6 +17,7 @@ from typing import Any
 
 from statetune.data.fields import Template, text_field
 from statetune.data.formats import Format, detect_format
+from statetune.data.preference import preference_prompt
 from statetune.data.readers import parse_json_line, read_items
 from statetune.errors import DataError, OptionError, RecordError
 from statetune.infer.engine import Completion, Engine
@@ -47,6 +48,8 @@ class RecordPrompts(Prompts):
             fmt = detect_format(record)
             if fmt is Format.CHAT:
                 return chat_prompt(record["messages"])
+            if fmt is Format.PREFERENCE:
+                return preference_prompt(record)
             if fmt is None or fmt in (Format.TEXT, Format.TOKENIZED):
                 raise RecordError("record", f"cannot tell the prompt from fields {', '.join(map(repr, record))}; "
                                   "give --prompt-field or --prompt-template")
