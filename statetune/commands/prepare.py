@@ -24,8 +24,8 @@ class PrepareOptions:
     """Tokenize JSONL/CSV datasets into {"text": [ids], "mask": [0/1...]} lines for training.
 
     The format of each file is detected from its first record (text, tokenized, prompt/completion,
-    input/output, instruction, chat messages) or set with --format; --prompt-template and
-    --completion-template read any fields. See docs/prepare.md.
+    input/output, instruction, chat messages, chosen/rejected preference pairs) or set with --format;
+    --prompt-template and --completion-template read any fields. See docs/prepare.md.
     """
 
     inputs: list[str] = field(metadata=h("JSONL, CSV or TSV files to tokenize.", positional=True))
@@ -84,12 +84,13 @@ class PrepareOptions:
         if self.workers < 0:
             raise OptionError(f"--workers: must be 0 (auto) or more, got {self.workers}")
         if self.prompt_template is not None or self.completion_template is not None:
-            if self.format not in (Format.AUTO, Format.TEMPLATE):
-                raise OptionError(f"--prompt-template/--completion-template: only with --format template, "
-                                  f"not {self.format.value}")
-            self.format = Format.TEMPLATE
-        if self.format is Format.TEMPLATE and self.completion_template is None:
-            raise OptionError("--completion-template: required with --format template or --prompt-template")
+            if self.format not in (Format.AUTO, Format.TEMPLATE, Format.PREFERENCE):
+                raise OptionError(f"--prompt-template/--completion-template: only with --format template or "
+                                  f"preference, not {self.format.value}")
+        if self.format in (Format.AUTO, Format.TEMPLATE) and self.completion_template is None and (
+                self.format is Format.TEMPLATE or self.prompt_template is not None):
+            raise OptionError("--completion-template: required with --format template or --prompt-template "
+                              "(only --format preference takes --prompt-template alone)")
         for value, flag in ((self.prompt_template, "--prompt-template"),
                             (self.completion_template, "--completion-template")):
             if value is not None:

@@ -16,26 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from statetune.data.fields import (
-    RecordError,
-    Template,
-    check_text,
-    describe_type,
-    field_names,
-    text_field,
-    unescape,
-)
+from statetune.data.chat import chat_pieces
+from statetune.data.fields import RecordError, Template, describe_type, field_names, text_field, unescape
 from statetune.errors import OptionError
-from statetune.prompts import (
-    ASSISTANT_PROMPT,
-    CHAT_END,
-    CHAT_ROLES,
-    INSTRUCTION_COMPLETION,
-    INSTRUCTION_PROMPT,
-    INSTRUCTION_PROMPT_NO_INPUT,
-    chat_turn,
-    normalize_chat,
-)
+from statetune.prompts import INSTRUCTION_COMPLETION, INSTRUCTION_PROMPT, INSTRUCTION_PROMPT_NO_INPUT
 from statetune.tokenizer import Tokenizer
 
 Piece = tuple[str, int] | tuple[list[int], list[int]]
@@ -53,6 +37,7 @@ class Format(enum.StrEnum):
     INSTRUCTION = "instruction"
     CHAT = "chat"
     TEMPLATE = "template"
+    PREFERENCE = "preference"
 
 
 # -- one function per format -------------------------------------------------------------------------------
@@ -131,47 +116,6 @@ def instruction_pieces(record: Mapping[str, Any], ctx: FormatContext) -> list[Pi
     return _with_eos([(prompt, 0), (INSTRUCTION_COMPLETION.format(output=output), 1)], ctx)
 
 
-def chat_pieces(record: Mapping[str, Any], ctx: FormatContext) -> list[Piece]:
-    """``{"messages": [{"role", "content"}...]}`` as ``User: …\\n\\nAssistant: …\\n\\n``.
-
-    Loss is on each assistant turn's `` content\\n\\n``; ``\\n\\n`` is the end-of-turn marker, so contents
-    are normalized like RWKV chat front-ends do (stripped, blank lines collapsed, see ``normalize_chat``).
-    """
-    messages = record.get("messages")
-    if not isinstance(messages, list):
-        raise RecordError("messages", "missing" if messages is None and "messages" not in record
-                          else f"expected a list of messages, got {describe_type(messages)}")
-    pieces: list[Piece] = []
-    prompt: list[str] = []
-    for k, msg in enumerate(messages):
-        where = f"messages[{k}]"
-        if not isinstance(msg, dict):
-            raise RecordError(where, f"expected an object with role and content, got {describe_type(msg)}")
-        role = msg.get("role")
-        if role not in CHAT_ROLES:
-            raise RecordError(f"{where}.role", f"expected one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        if "content" not in msg:
-            raise RecordError(f"{where}.content", "missing")
-        if not isinstance(msg["content"], str):
-            raise RecordError(f"{where}.content", f"expected a string, got {describe_type(msg['content'])}")
-        check_text(f"{where}.content", msg["content"], allow_empty=True)
-        content = normalize_chat(msg["content"])
-        if role == "assistant":
-            if not content:
-                raise RecordError(f"{where}.content", "empty text (only whitespace)")
-            prompt.append(ASSISTANT_PROMPT)
-            pieces.append(("".join(prompt), 0))
-            pieces.extend(_with_eos([(f" {content}{CHAT_END}", 1)], ctx))
-            prompt = []
-        else:
-            prompt.append(chat_turn(role, content))
-    if not pieces:
-        raise RecordError("messages", "no assistant message: nothing to learn")
-    if prompt:
-        pieces.append(("".join(prompt), 0))
-    return pieces
-
-
 def template_pieces(record: Mapping[str, Any], ctx: FormatContext) -> list[Piece]:
     """Any fields through ``--prompt-template`` (no loss) and ``--completion-template`` (loss, + eos)."""
     assert ctx.completion is not None, "the template format needs a completion template"
@@ -202,14 +146,16 @@ FORMAT_FUNCTIONS: dict[Format, Callable[[Mapping[str, Any], FormatContext], list
 EOS_BY_DEFAULT = frozenset(
     {Format.PROMPT_COMPLETION, Format.INPUT_OUTPUT, Format.INSTRUCTION, Format.TEMPLATE})
 
-DETECTABLE = ("fields text; text (token ids) + mask; prompt + completion; input + output; "
-              "instruction + output; or messages")
+DETECTABLE = ("fields chosen + rejected (preference pairs); text; text (token ids) + mask; prompt + completion; "
+              "input + output; instruction + output; or messages")
 
 
 def detect_format(record: Any) -> Format | None:
     """The format a record's fields indicate, or None; the first match wins in the order listed."""
     if not isinstance(record, dict):
         return None
+    if "chosen" in record and "rejected" in record:
+        return Format.PREFERENCE
     if "messages" in record:
         return Format.CHAT
     if "text" in record:
@@ -250,8 +196,8 @@ class RecordEncoder:
 
     def __init__(self, tokenizer: Tokenizer, fmt: Format, eos: list[int],
                  prompt_template: str | None = None, completion_template: str | None = None) -> None:
-        if fmt is Format.AUTO:
-            raise ValueError("RecordEncoder needs a concrete format; detect it first")
+        if fmt in (Format.AUTO, Format.PREFERENCE):
+            raise ValueError(f"RecordEncoder encodes one sequence per record, not the {fmt.value} format")
         if fmt is Format.TEMPLATE and completion_template is None:
             raise OptionError("--completion-template: required by the template format")
         self.tokenizer = tokenizer
@@ -267,6 +213,9 @@ class RecordEncoder:
         """The record's pieces before tokenization; raises ``RecordError`` naming the bad field."""
         if not isinstance(record, dict):
             raise RecordError("record", f"expected a JSON object, got {describe_type(record)}")
+        if "chosen" in record and "rejected" in record and self.format is not Format.TEMPLATE:
+            raise RecordError("record", f"a preference pair (chosen, rejected) in a file of {self.format.value} "
+                                        "records; preference pairs and SFT records cannot share a file")
         return self._pieces(record, self.ctx)
 
     def encode(self, record: Any) -> Encoded:

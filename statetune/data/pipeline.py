@@ -22,6 +22,7 @@ from typing import Any
 
 from statetune.data.fields import RecordError
 from statetune.data.formats import Format, Piece, RecordEncoder
+from statetune.data.preference import SIDES, PairEncoder
 from statetune.data.readers import Item, parse_json_line
 from statetune.tokenizer import get_tokenizer
 
@@ -42,6 +43,7 @@ class EncodeConfig:
     split_by: str | None = None
     seed: int = 0
     max_len: int | None = None
+    style: str | None = None  # preference pairs: "text" or "chat"
 
 
 @dataclass
@@ -61,7 +63,10 @@ class ChunkResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _encoder(cfg: EncodeConfig) -> RecordEncoder:
+def _encoder(cfg: EncodeConfig) -> RecordEncoder | PairEncoder:
+    if cfg.format is Format.PREFERENCE:
+        return PairEncoder(get_tokenizer(cfg.tokenizer), cfg.style or "text", list(cfg.eos),
+                           cfg.prompt_template, cfg.completion_template)
     return RecordEncoder(get_tokenizer(cfg.tokenizer), cfg.format, list(cfg.eos),
                          cfg.prompt_template, cfg.completion_template)
 
@@ -79,7 +84,9 @@ def in_val(key: str, seed: int, fraction: float) -> bool:
 
 
 def encode_chunk(cfg: EncodeConfig, items: list[Item]) -> ChunkResult:
-    """Encode a chunk of records: one output JSON line per good record, ``(line, reason)`` per bad one."""
+    """Encode a chunk of records: one output JSON line per good record, ``(line, reason)`` per bad one.
+
+    A preference pair counts the tokens of both sides, and its length is that of its longer side."""
     enc = _encoder(cfg)
     encode = enc.tokenizer.encode
     out = ChunkResult()
@@ -89,30 +96,34 @@ def encode_chunk(cfg: EncodeConfig, items: list[Item]) -> ChunkResult:
             if isinstance(payload, RecordError):
                 raise payload
             record = parse_json_line(payload) if isinstance(payload, bytes) else payload
-            ids, runs = assemble_runs(enc.pieces(record), encode)
+            pieces = enc.pair(record) if isinstance(enc, PairEncoder) else (enc.pieces(record),)
+            sides = [assemble_runs(p, encode) for p in pieces]
             to_val = cfg.val_fraction > 0 and in_val(_split_value(record, cfg), cfg.seed, cfg.val_fraction)
         except RecordError as e:
             out.errors.append((line, e.message))
             continue
-        n = len(ids)
-        loss = sum(count for bit, count in runs if bit) - runs[0][0]  # the first token is never predicted
-        if not loss:
-            out.errors.append((line, "nothing to learn: no token after the first has mask 1"))
+        # the first token is never predicted
+        losses = [sum(count for bit, count in runs if bit) - runs[0][0] for _, runs in sides]
+        if not all(losses):
+            side = f"field {SIDES[losses.index(0)]!r}: " if len(sides) == 2 else ""
+            out.errors.append((line, f"{side}nothing to learn: no token after the first has mask 1"))
             continue
         # repr of a list of ints is exactly its compact JSON, and a little faster than json.dumps.
-        row = f'{{"text": {ids!r}, "mask": {mask_json(runs)}}}\n'
+        rows = [f'{{"text": {ids!r}, "mask": {mask_json(runs)}}}' for ids, runs in sides]
+        row = (rows[0] if len(rows) == 1 else f'{{"chosen": {rows[0]}, "rejected": {rows[1]}}}') + "\n"
+        n, length = sum(len(ids) for ids, _ in sides), max(len(ids) for ids, _ in sides)
         if to_val:
             out.val.append(row)
             out.val_tokens += n
         else:
             out.train.append(row)
             out.train_tokens += n
-        out.loss_tokens += loss
-        out.lengths[n] += 1
-        if cfg.max_len is not None and n > cfg.max_len:
+        out.loss_tokens += sum(losses)
+        out.lengths[length] += 1
+        if cfg.max_len is not None and length > cfg.max_len:
             out.n_too_long += 1
             if len(out.too_long) < EXAMPLES:
-                out.too_long.append((line, n))
+                out.too_long.append((line, length))
     return out
 
 

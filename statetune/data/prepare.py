@@ -21,6 +21,7 @@ from statetune.data.fields import RecordError, field_names
 from statetune.data.formats import DETECTABLE, Format, detect_format, resolve_eos
 from statetune.data.outputs import Outputs
 from statetune.data.pipeline import ChunkRunner, EncodeConfig, cpu_count
+from statetune.data.preference import preference_style
 from statetune.data.readers import Item, parse_json_line, read_items
 from statetune.data.report import InputReport, Totals, build_meta, require_records, summary
 from statetune.errors import CheckpointError, DataError, OptionError
@@ -81,6 +82,7 @@ def prepare_dataset(inputs: list[Path], outputs: tuple[Path, Path | None, Path],
             _progress(total_bytes) as bar:
         for path, report in zip(inputs, reports, strict=True):
             _prepare_file(path, settings, tokenizer, runner, files, totals, report, bar)
+            _check_kinds(reports)
         require_records(totals, inputs, settings.val_fraction, settings.split_by)
         meta = build_meta(
             tokenizer=tokenizer, inputs=reports, totals=totals, outputs=names,
@@ -89,7 +91,8 @@ def prepare_dataset(inputs: list[Path], outputs: tuple[Path, Path | None, Path],
             seed=settings.seed, max_len=settings.max_len)
         files.meta.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         files.commit()
-    print(summary(totals, paths, settings.max_len, time.perf_counter() - start, total_bytes), file=sys.stderr)
+    unit = "pairs" if meta["kind"] == "preference" else "records"
+    print(summary(totals, paths, settings.max_len, time.perf_counter() - start, total_bytes, unit), file=sys.stderr)
 
 
 def resolve_tokenizer(choice: TokenizerChoice | str, model: str | None) -> Tokenizer:
@@ -115,27 +118,32 @@ def _prepare_file(path: Path, opts: PrepareSettings, tokenizer: Tokenizer, runne
     """Detect the file's format (unless forced), then encode it chunk by chunk into the outputs."""
     items = read_items(path)
     fmt: Format | None = opts.format
+    style: str | None = None
     seen = 0
-    if fmt is Format.AUTO:
-        fmt = None
+    if fmt in (Format.AUTO, Format.PREFERENCE):  # preference pairs: the first one also sets the style
+        found = None
         for item in items:
             seen += 1
-            fmt = _detect(item, path, opts.skip_invalid, totals, report)
-            if fmt is not None:
+            found = _detect(item, path, opts, totals, report)
+            if found is not None:
                 items = chain([item], items)
                 break
             bar.update(item[2])
-        if fmt is None:
+        if found is None:
             if not seen:
                 raise DataError(f"{path}: empty file: no records")
             return  # every record was invalid, and skipped
-    eos, eos_text = resolve_eos(fmt, opts.eos, tokenizer)
-    report.format, report.eos, report.eos_text = fmt, eos, eos_text
+        fmt, style = found
+    if fmt is Format.PREFERENCE:
+        eos, eos_text = resolve_eos(Format.CHAT if style == "chat" else Format.PROMPT_COMPLETION, opts.eos, tokenizer)
+    else:
+        eos, eos_text = resolve_eos(fmt, opts.eos, tokenizer)
+    report.format, report.style, report.eos, report.eos_text = fmt, style, eos, eos_text
     cfg = EncodeConfig(
         tokenizer=tokenizer.name, format=fmt, eos=tuple(eos),
         prompt_template=opts.prompt_template, completion_template=opts.completion_template,
         val_fraction=opts.val_fraction,
-        split_by=opts.split_by, seed=opts.seed, max_len=opts.max_len)
+        split_by=opts.split_by, seed=opts.seed, max_len=opts.max_len, style=style)
     counted = _Counted(items)
     for result in runner.map(cfg, _chunks(counted)):
         for line, message in result.errors:
@@ -150,24 +158,43 @@ def _prepare_file(path: Path, opts: PrepareSettings, tokenizer: Tokenizer, runne
         raise DataError(f"{path}: empty file: no records")
 
 
-def _detect(item: Item, path: Path, skip: bool, totals: Totals, report: InputReport) -> Format | None:
-    """The format of the file's first valid record; earlier invalid records stop the run or are skipped."""
+def _detect(item: Item, path: Path, opts: PrepareSettings, totals: Totals,
+            report: InputReport) -> tuple[Format, str | None] | None:
+    """The format (and preference style) of the file's first valid record; earlier invalid records stop the
+    run or are skipped. Templates without ``--format`` mean the template format unless records are pairs."""
     line, payload, _ = item
+    templated = opts.prompt_template is not None or opts.completion_template is not None
     try:
         if isinstance(payload, RecordError):
             raise payload
         record = parse_json_line(payload) if isinstance(payload, bytes) else payload
-        fmt = detect_format(record)
+        fmt = Format.PREFERENCE if opts.format is Format.PREFERENCE else detect_format(record)
+        if fmt is Format.PREFERENCE:
+            style = preference_style(record)
+            if style == "chat" and templated:
+                raise OptionError(f"--prompt-template/--completion-template: {path} holds chat pairs (lists of "
+                                  "messages), which take no templates")
+            return fmt, style
+        if templated:  # with --completion-template (checked by the options)
+            return Format.TEMPLATE, None
         if fmt is None:
             raise RecordError("record", f"cannot tell the format from {field_names(record)}; expected "
                                         f"{DETECTABLE} (or set --format or --completion-template)")
-        return fmt
+        return fmt, None
     except RecordError as e:
         message = f"{path}:{line}: {e.message}"
-        if not skip:
+        if not opts.skip_invalid:
             raise DataError(message) from None
         totals.skip(message, report)
         return None
+
+
+def _check_kinds(reports: list[InputReport]) -> None:
+    """Preference pairs and SFT records never go into one output: the trainer reads one kind per file."""
+    kinds = {(r.format is Format.PREFERENCE): r.path for r in reports if r.format is not None}
+    if len(kinds) == 2:
+        raise DataError(f"{kinds[False]} holds SFT records and {kinds[True]} preference pairs; prepare them "
+                        "into separate outputs")
 
 
 class _Counted:

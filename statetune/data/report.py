@@ -27,6 +27,7 @@ class InputReport:
 
     path: str
     format: Format | None = None
+    style: str | None = None  # preference pairs: "text" or "chat"
     eos: list[int] = field(default_factory=list)
     eos_text: str | None = None
     records: int = 0
@@ -105,20 +106,25 @@ def build_meta(*, tokenizer: Tokenizer, inputs: list[InputReport], totals: Total
     """The content of ``OUT.meta.json`` (schema ``statetune.prepare/1``, documented in docs/prepare.md)."""
     formats = {r.format for r in inputs if r.format is not None}
     fmt = next(iter(formats)) if len(formats) == 1 else None
+    styles = {r.style for r in inputs if r.format is Format.PREFERENCE}
+    style = (next(iter(styles)) if len(styles) == 1 else "mixed") if styles else None
     eos_sets = {(tuple(r.eos), r.eos_text) for r in inputs if r.format is not None}
     eos_ids, eos_text = eos_sets.pop() if len(eos_sets) == 1 else ((), None)
     eos = {"ids": list(eos_ids), "text": eos_text} if eos_ids else None
+    shape = _prompt_shape(fmt, style, prompt_template, completion_template)
     if eos is not None:
         stop = eos
-    elif fmt is Format.CHAT:
+    elif shape == "chat":
         stop = chat_stop(tokenizer)
     else:
         stop = {"ids": [tokenizer.eot_id], "text": None}
     return {
         "schema": META_SCHEMA,
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
+        "kind": "preference" if fmt is Format.PREFERENCE else "sft",
         "format": fmt.value if fmt else ("mixed" if formats else None),
-        **templates_for(fmt, prompt_template, completion_template),
+        **({"preference_style": style} if fmt is Format.PREFERENCE else {}),
+        **templates_for(shape, prompt_template, completion_template),
         "eos": eos,
         "eos_option": eos_option,
         "stop": stop,
@@ -127,13 +133,25 @@ def build_meta(*, tokenizer: Tokenizer, inputs: list[InputReport], totals: Total
         "outputs": outputs,
         "split": {"val_fraction": val_fraction, "split_by": split_by, "seed": seed} if val_fraction else None,
         "max_len": max_len,
-        "counts": {"records": totals.records, "train_records": totals.train_records,
+        "counts": {"records": totals.records, **({"pairs": totals.records} if fmt is Format.PREFERENCE else {}),
+                   "train_records": totals.train_records,
                    "val_records": totals.val_records, "tokens": totals.tokens,
                    "train_tokens": totals.train_tokens, "val_tokens": totals.val_tokens,
                    "loss_tokens": totals.loss_tokens, "skipped": totals.skipped,
                    "over_max_len": totals.over_max_len},
         "lengths": length_stats(totals.lengths),
     }
+
+
+def _prompt_shape(fmt: Format | None, style: str | None, prompt_template: str | None,
+                  completion_template: str | None) -> str | None:
+    """The format whose prompt templates describe the data: preference pairs prompt like chat (chat pairs),
+    like their templates, or like prompt-completion (text pairs)."""
+    if fmt is not Format.PREFERENCE:
+        return fmt.value if fmt else None
+    if style != "text":
+        return "chat" if style == "chat" else None
+    return "template" if prompt_template is not None or completion_template is not None else "prompt-completion"
 
 
 def require_records(totals: Totals, paths: list[Path], val_fraction: float, split_by: str | None) -> None:
@@ -148,14 +166,15 @@ def require_records(totals: Totals, paths: list[Path], val_fraction: float, spli
 
 
 def summary(totals: Totals, outputs: dict[str, str | None], max_len: int | None, seconds: float,
-            nbytes: int) -> str:
-    """The end-of-run report printed to stderr."""
-    lines = [f"prepared {totals.records:,} records, {totals.tokens:,} tokens "
+            nbytes: int, unit: str = "records") -> str:
+    """The end-of-run report printed to stderr; ``unit`` names what a record is (``pairs`` for preference data,
+    whose tokens count both sides and whose length is the longer side's)."""
+    lines = [f"prepared {totals.records:,} {unit}, {totals.tokens:,} tokens "
              f"({nbytes / 1e6:.1f} MB in {seconds:.1f} s, {nbytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)"]
-    lines.append(f"  train: {totals.train_records:,} records, {totals.train_tokens:,} tokens "
+    lines.append(f"  train: {totals.train_records:,} {unit}, {totals.train_tokens:,} tokens "
                  f"-> {outputs['train']}")
     if outputs.get("val"):
-        lines.append(f"  val:   {totals.val_records:,} records, {totals.val_tokens:,} tokens "
+        lines.append(f"  val:   {totals.val_records:,} {unit}, {totals.val_tokens:,} tokens "
                      f"-> {outputs['val']}")
         if not totals.val_records:
             lines.append("  warning: the validation split is empty; raise --val-fraction or add data")

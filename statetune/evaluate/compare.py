@@ -9,6 +9,7 @@ from typing import Any
 
 from statetune.data.loader import TokenDataset
 from statetune.errors import DataError
+from statetune.evaluate.faithfulness import distinct_outputs, find_mr, record_fields, slot_errors
 from statetune.evaluate.generation import greedy_batch
 from statetune.evaluate.metrics import generation_scores
 from statetune.model.state import RWKVState
@@ -38,7 +39,9 @@ def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[
                    ctx_len: int = 1024, penalties: dict[str, float] | None = None) -> dict[str, Any]:
     """One row per candidate ``(name, state)`` (None: the zero state) with loss, perplexity and, with
     ``generate``, BLEU/chrF/ROUGE-L/exact match (greedy with ``penalties``, see
-    :func:`~statetune.evaluate.generation.greedy_batch`); plus up to ``examples`` prompts with every output."""
+    :func:`~statetune.evaluate.generation.greedy_batch`), the share of distinct outputs and, for prompts
+    with fields (see :func:`prompt_fields`), the slot error rate; plus up to ``examples`` prompts with every
+    output."""
     if data.loss_tokens == 0:
         raise DataError(f"--data {data.path}: no record has a loss token (every mask is 0 after the first "
                         f"token), so there is no loss or perplexity to measure")
@@ -47,6 +50,7 @@ def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[
         raise DataError(f"--generate: no record of {data.path} has a prompt (tokens with mask 0 before its "
                         f"first loss token), so there is nothing to generate from")
     refs = [[tokenizer.decode(r).strip() for r in rs] for _, rs in groups]
+    fields = prompt_fields(data, tokenizer, [p for p, _ in groups]) if generate else []
     rows, outputs = [], {}
     for name, state in candidates:
         res = dataset_loss(model, data, state, batch_size, ctx_len)
@@ -54,10 +58,21 @@ def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[
         if generate:
             hyps = greedy_batch(model, tokenizer, [p for p, _ in groups], state, max_tokens, sorted(stop),
                                 batch_size=batch_size, penalties=penalties)
-            row.update(generation_scores(hyps, refs), prompts=len(groups))
+            row.update(generation_scores(hyps, refs), prompts=len(groups),
+                       distinct_outputs=distinct_outputs(hyps, len(groups)))
+            if any(fields):
+                ser = slot_errors(fields, hyps)
+                row.update(slot_error_rate=ser.rate, slot_errors=ser.as_dict())
             outputs[name] = hyps
         rows.append(row)
         log.info("%s: loss %.4f", name, res.loss)
     shown = [{"prompt": tokenizer.decode(p), "references": [tokenizer.decode(r) for r in rs],
               "outputs": {n: outputs[n][i] for n in outputs}} for i, (p, rs) in enumerate(groups[:examples])]
     return {"rows": rows, "examples": shown}
+
+
+def prompt_fields(data: TokenDataset, tokenizer, prompts: list[list[int]]) -> list[dict[str, str] | None]:
+    """Each prompt's fields: a ``fields`` object or ``mr`` string its record carries beside ``text``/``mask``,
+    else the ``slot[value]`` items of its text (an E2E meaning representation in the prompt), else None."""
+    carried = record_fields(data.path)
+    return [carried.get(tuple(p)) or find_mr(tokenizer.decode(p)) or None for p in prompts]

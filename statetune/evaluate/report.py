@@ -7,7 +7,8 @@ from pathlib import PurePath
 from typing import Any
 
 COLUMNS = [("loss", "loss", "{:.4f}"), ("ppl", "ppl", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
-           ("chrf", "chrF", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.2f}"), ("exact_match", "exact %", "{:.1f}")]
+           ("chrf", "chrF", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.2f}"), ("exact_match", "exact %", "{:.1f}"),
+           ("slot_error_rate", "SER", "{:.1%}"), ("distinct_outputs", "distinct", "{:.2f}")]
 
 
 def state_labels(paths: Sequence[str]) -> list[str]:

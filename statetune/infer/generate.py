@@ -17,6 +17,7 @@ from typing import Any
 
 from statetune.data.fields import Template, field_names, text_field
 from statetune.data.formats import Format
+from statetune.data.preference import preference_prompt
 from statetune.data.readers import parse_json_line, read_items
 from statetune.errors import DataError, OptionError, RecordError
 from statetune.infer.engine import Completion, Engine
@@ -30,13 +31,16 @@ Records = list[tuple[dict[str, Any], list[int]]]
 
 
 #: The record shapes whose prompt is known without a template (docs/generate.md lists the same).
-PROMPT_SHAPES = "a field prompt, input, instruction (+ input) or messages"
+PROMPT_SHAPES = "a field prompt, input, instruction (+ input) or messages, or a pair chosen + rejected"
 
 
 def prompt_format(record: dict[str, Any]) -> Format | None:
     """The format whose prompt template reads ``record``: the formats ``prepare`` detects, matched on their
     prompt fields alone (a record to generate for has no completion yet), in the order of docs/generate.md
-    with ``instruction`` before ``input`` (instruction records may have an input too)."""
+    with ``instruction`` before ``input`` (instruction records may have an input too); a preference pair
+    (``chosen`` and ``rejected``) first, whatever its prompt's shape."""
+    if "chosen" in record and "rejected" in record:
+        return Format.PREFERENCE
     if "messages" in record:
         return Format.CHAT
     if "instruction" in record:
@@ -66,6 +70,8 @@ class RecordPrompts(Prompts):
             fmt = prompt_format(record)
             if fmt is Format.CHAT:
                 return chat_prompt(record["messages"])
+            if fmt is Format.PREFERENCE:
+                return preference_prompt(record)
             if fmt is None:
                 raise RecordError("record", f"cannot tell the prompt from {field_names(record)}; expected "
                                   f"{PROMPT_SHAPES}, or give --prompt-field or --prompt-template")
