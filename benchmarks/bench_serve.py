@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py [--clients 32] [--states 8] [--duration 20] [--max-tokens 64]
         [--server-threads 1] [--rounds 1] [--out benchmarks/results/serve.json]
+    python benchmarks/bench_serve.py --scenario ray [--ray-states 100] ...   (serve --ray; see serve_ray_scenario.py)
 
 The script writes a *random* small RWKV-7 (default 4 layers, width 256, head size 64, the 257-id byte
 vocabulary: real checkpoints, even 0.1B, are too slow for a load test on a small CPU) and K random states
@@ -206,9 +207,11 @@ def engine_baseline(ckpt: Path, args: argparse.Namespace) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scenario", choices=("load", "chat", "states", "all"), default="all",
+    ap.add_argument("--scenario", choices=("load", "chat", "states", "ray", "all"), default="all",
                     help="load: N clients over K states vs 1; chat: multi-turn TTFT with and without the prefix "
-                         "cache; states: many states with few loaded vs one state")
+                         "cache; states: many states with few loaded vs one state; ray: serve --ray with 1 and 2 "
+                         "replicas, state-affine vs random routing, a replica killed (not part of all; needs ray)")
+    ap.add_argument("--ray-states", type=int, default=100, help="ray: states the requests are spread over")
     ap.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
     ap.add_argument("--states", type=int, default=8, help="states the clients are spread over")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds each phase sends requests")
@@ -245,6 +248,10 @@ def main() -> None:
             result["chat"] = chat_scenario(Path(tmp) / "chat", args)
         if args.scenario in ("states", "all"):
             result["states"] = states_scenario(Path(tmp) / "states", args)
+        if args.scenario == "ray":
+            from serve_ray_scenario import ray_scenario
+
+            result["ray"] = ray_scenario(Path(tmp) / "ray", args)
     write_json(result, args.out)
     print(f"wrote {args.out}")
 

@@ -13,8 +13,9 @@ if [ "$INSTALL" = 1 ]; then
     # The CPU build of torch when none is installed: an unpinned torch would pull a multi-GB CUDA build.
     "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install --quiet torch==2.13.0
     # dev: the test tools; hf-test: rwkv7-hf, the reference for Hugging Face directories; fla-test: fla
-    # under Triton's interpreter, the CUDA path checked on CPU; lm-eval-test: the harness against serve
-    "$PY" -m pip install --quiet -e ".[dev,hf-test,fla-test,lm-eval-test]"
+    # under Triton's interpreter, the CUDA path checked on CPU; lm-eval-test: the harness against serve;
+    # ray: serve --ray on a local Ray instance (tests/test_serve_ray.py)
+    "$PY" -m pip install --quiet -e ".[dev,ray,hf-test,fla-test,lm-eval-test]"
     # the headless browser of the playground test (skipped where it cannot be installed)
     scripts/install_browser.sh
 fi

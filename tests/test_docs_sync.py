@@ -20,6 +20,7 @@ OTHER_PROGRAMS = {"--nproc_per_node", "--standalone", "--upgrade", "--quiet", "-
     m.group(1) for f in (ROOT / "benchmarks").rglob("*.py")
     for m in re.finditer(r"add_argument\(\s*\"(--[a-z0-9_-]+)\"", f.read_text())} | {
     m.group(1) for f in (ROOT / "scripts").glob("*.sh") for m in re.finditer(r"= \"(--[a-z0-9-]+)\"", f.read_text())}
+OTHER_PROGRAMS |= {"--head", "--address"}  # `ray start`, in docs/serve.md's cluster set-up
 
 
 def _parsers() -> dict[str, set[str]]:

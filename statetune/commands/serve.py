@@ -72,8 +72,29 @@ class ServeOptions(ModelOptions):
         "Seconds an idle connection is kept open between requests."))
     max_api_states: int = field(default=32, metadata=h(
         "Most state files POST /v1/states may write to --states DIR (\"persist\": true); 0: none."))
+    # -- Ray: several replicas of the model, routed by state (statetune.serve.ray_app) --
+    ray: bool = field(default=False, metadata=h(
+        "Serve with Ray Serve: --replicas copies of the model, each request routed to a replica that has its "
+        "state loaded (needs statetune[ray]; see docs/serve.md, 'More than one machine')."))
+    replicas: int = field(default=1, metadata=h("With --ray: replicas of the model (each with --threads threads)."))
+    ray_address: str | None = field(default=None, metadata=h(
+        "With --ray: the Ray cluster to join (e.g. auto, or HOST:6379); default: start a local Ray instance, "
+        "on loopback only, and stop it with the server."))
+    ray_affinity: bool = field(default=True, metadata=h(
+        "With --ray: route a state's requests to a replica that has it loaded (--no-ray-affinity: by load "
+        "alone, for comparison)."))
+
+    def check_ray_options(self) -> None:
+        """Usage errors for the Ray flags: they need --ray, and --ray needs a states directory it can share."""
+        if self.replicas < 1:
+            raise OptionError(f"--replicas: must be at least 1, got {self.replicas}")
+        if not self.ray:
+            for name, default in (("replicas", 1), ("ray_address", None), ("ray_affinity", True)):
+                if getattr(self, name) != default:
+                    raise OptionError(f"{flag(name)}: only with --ray")
 
     def __post_init__(self) -> None:
+        self.check_ray_options()
         for name in ("max_tokens_limit", "max_batch_size", "max_prompt_tokens", "prefill_tokens",
                      "max_loaded_states"):
             if getattr(self, name) < 1:
@@ -147,4 +168,26 @@ def serve(opts: ServeOptions) -> int:
     if opts.host not in LOOPBACK and opts.key() is None:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the "
                     "server (give --api-key or $%s)", opts.host, API_KEY_ENV)
+    if opts.ray:
+        return serve_ray(opts)
     return startup.run_server(make_server(opts), opts.host, opts.port)
+
+
+def serve_ray(opts: ServeOptions) -> int:
+    """``serve --ray``: the same server as ``--replicas`` replicas on Ray (statetune.serve.ray_run)."""
+    from statetune.serve.ray_run import check_ray, run_ray
+
+    check_ray()
+    from statetune.serve.ray_app import RayConfig
+
+    model = {k: getattr(opts, k) for k in ("model", "tokenizer", "device", "dtype", "threads")}
+    service = dict(states=str(Path(opts.states).resolve()) if opts.states else None, base_name=opts.base_name,
+                   max_loaded_states=opts.max_loaded_states, cache_mb=opts.cache_mb, cache_device=opts.cache_device,
+                   max_batch_size=opts.max_batch_size, prefill_tokens=opts.prefill_tokens,
+                   max_tokens_limit=opts.max_tokens_limit, max_prompt_tokens=opts.max_prompt_tokens,
+                   state_scale=opts.state_scale)
+    model["model"] = str(Path(opts.model).resolve())
+    config = RayConfig(model=model, service=service, replicas=opts.replicas, api_key=opts.key(),
+                       playground=opts.serves_playground, access_log=opts.access_log, affinity=opts.ray_affinity,
+                       grace_period=opts.grace_period, max_api_states=opts.max_api_states)
+    return run_ray(config, opts.host, opts.port, opts.ray_address)
