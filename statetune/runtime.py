@@ -50,10 +50,6 @@ def dataset_meta(path: str | Path) -> dict[str, Any]:
         value = strict_json.loads(meta.read_bytes())
     except strict_json.StrictJSONError as e:
         raise StatetuneError(f"{meta}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise StatetuneError(f"{meta}: not UTF-8 text (byte {e.start})") from None
-    except RecursionError:
-        raise StatetuneError(f"{meta}: JSON nested too deeply to read") from None
     if not isinstance(value, dict):
         raise StatetuneError(f"{meta}: expected a JSON object (the metadata prepare writes), got "
                              f"{type(value).__name__}")

@@ -47,11 +47,16 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def loads(text: str | bytes) -> Any:
     """Parse standard JSON; :class:`StrictJSONError` for ``NaN``/``Infinity``, numbers beyond a float's range
-    or too long to read, repeated keys and invalid JSON (with the position, as ``json`` gives it)."""
+    or too long to read, repeated keys, bytes that are not UTF-8, nesting too deep for the parser and invalid
+    JSON (with the position, as ``json`` gives it)."""
     try:
         return json.loads(text, parse_constant=_constant, parse_float=_float, object_pairs_hook=_object)
-    except (StrictJSONError, UnicodeDecodeError):
+    except StrictJSONError:
         raise
+    except UnicodeDecodeError as e:
+        raise StrictJSONError(f"invalid UTF-8 at byte {e.start}") from None
+    except RecursionError:
+        raise StrictJSONError("JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         raise StrictJSONError(f"invalid JSON: {e.msg} at column {e.colno}"
                               + (f" of line {e.lineno}" if e.lineno > 1 else "")) from None

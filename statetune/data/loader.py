@@ -28,10 +28,6 @@ def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
         rec = strict_json.loads(line)
     except strict_json.StrictJSONError as e:
         raise DataError(f"{where}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     ids = rec.get("text")

@@ -53,8 +53,6 @@ def parse_json_line(raw: bytes) -> dict[str, Any]:
         raise RecordError("record", f"invalid UTF-8 at byte {e.start} of the line") from None
     try:
         value = strict_json.loads(text)
-    except RecursionError:
-        raise RecordError("record", "JSON nested too deeply to read") from None
     except strict_json.StrictJSONError as e:
         hint = " (a JSON array? expected one JSON object per line)" if text.lstrip().startswith("[") else ""
         raise RecordError("record", f"{e.msg}{hint}") from None

@@ -63,7 +63,7 @@ def decode_metadata(raw: dict[str, str] | None) -> dict[str, Any]:
     for k, v in (raw or {}).items():
         try:
             out[k] = strict_json.loads(v)
-        except (strict_json.StrictJSONError, RecursionError):
+        except strict_json.StrictJSONError:
             out[k] = v
     return out
 
