@@ -21,7 +21,7 @@ def write_json(obj: object, path: str | Path, indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

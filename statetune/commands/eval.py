@@ -68,6 +68,7 @@ class EvalOptions(ModelOptions):
 def evaluate(opts: EvalOptions) -> int:
     """Run the comparison; prints a Markdown table and writes OUT.md / OUT.json when --out is given."""
     from statetune.data.loader import TokenDataset
+    from statetune.errors import state_source
     from statetune.evaluate.compare import compare_states
     from statetune.evaluate.report import markdown_report
     from statetune.fileio import atomic_write
@@ -80,12 +81,12 @@ def evaluate(opts: EvalOptions) -> int:
     meta = dataset_meta(opts.data)
     tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)
     stop = set((meta.get("stop") or {}).get("ids") or [tok.eot_id])
-    candidates: list[tuple[str, RWKVState | None]] = [("base (zero state)", None)]
+    candidates: list[tuple[str, RWKVState | None, str]] = [("base (zero state)", None, state_source(None))]
     for path in opts.state:
         state = read_any(path, model).state
         for scale in opts.state_scale:
             label = Path(path).stem if opts.state_scale == [1.0] else f"{Path(path).stem} x{scale:g}"
-            candidates.append((label, state.scaled(scale)))
+            candidates.append((label, state.scaled(scale), state_source(path, scale)))
     result = compare_states(model, tok, data, candidates, stop, generate=opts.generate, max_prompts=opts.max_prompts,
                             max_tokens=opts.max_tokens, examples=opts.examples, batch_size=opts.batch_size,
                             ctx_len=opts.ctx_len, penalties=opts.penalties())
@@ -96,7 +97,8 @@ def evaluate(opts: EvalOptions) -> int:
     if opts.out:
         atomic_write(opts.out + ".md", lambda tmp: Path(tmp).write_text(md))
         atomic_write(opts.out + ".json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2,
-                                                                                     ensure_ascii=False)))
+                                                                                     ensure_ascii=False,
+                                                                                     allow_nan=False)))
     return 0
 
 

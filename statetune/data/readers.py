@@ -51,7 +51,7 @@ def parse_json_line(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise RecordError("record", f"invalid UTF-8 at byte {e.start} of the line") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json)
     except RecursionError:
         raise RecordError("record", "JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
@@ -60,6 +60,11 @@ def parse_json_line(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RecordError("record", f"expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _not_json(name: str) -> None:
+    """``NaN`` and ``Infinity`` are not JSON (Python's reader takes them; no writer here would write them)."""
+    raise RecordError("record", f"invalid JSON: {name} is not a JSON value (write null or a number)")
 
 
 class _LineFeed:

@@ -61,6 +61,7 @@ class Seq:
     sampler: RowSampler
     decoder: StreamDecoder
     keep_prompt_state: bool = False
+    source: str | None = None  # the start state, as errors name it
     prompt_state: RWKVState | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""

@@ -186,7 +186,7 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n", encoding="utf-8")
+        (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, dtype), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
         else:
@@ -197,7 +197,7 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
                 weight_map.update(dict.fromkeys(part, name))
             total = sum(t.numel() * t.element_size() for t in hf.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
