@@ -59,14 +59,18 @@ class NonFiniteError(StatetuneError):
     def __init__(self, what: str, detail: str, source: str | None = None) -> None:
         self.what, self.detail, self.source = what, detail, source
         origin = f", with {source}" if source else ""
-        super().__init__(f"{what} is not finite ({detail}){origin}: the state, its scale or the model's weights "
-                         f"drive the model out of range; try a smaller --state-scale, or check the state and the "
-                         f"model")
+        why = ("the model's weights drive it out of range; check the model" if source == ZERO_STATE else
+               "the state, its scale or the model's weights drive the model out of range; try a smaller "
+               "--state-scale, or check the state and the model")
+        super().__init__(f"{what} is not finite ({detail}){origin}: {why}")
+
+
+ZERO_STATE = "the zero state"
 
 
 def state_source(path: str | None, scale: float = 1.0) -> str:
     """How a :class:`NonFiniteError` names a start state: the file (None: zeros) and the scale it is used at."""
-    return "the zero state" if path is None else f"state {path} at --state-scale {scale:g}"
+    return ZERO_STATE if path is None else f"state {path} at --state-scale {scale:g}"
 
 
 def check_finite(value, what: str, source: str | None = None, of: str = "values") -> None:

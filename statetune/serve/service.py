@@ -17,7 +17,7 @@ from functools import partial
 
 from starlette.requests import Request
 
-from statetune.errors import StatetuneError
+from statetune.errors import StatetuneError, state_source
 from statetune.infer.engine import Delta
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
@@ -120,7 +120,7 @@ class Service:
     def _source(self, entry: Entry | None) -> str:
         """How an error names the state a request starts from (the served name and ``serve --state-scale``)."""
         if entry is None:
-            return "the zero state"
+            return state_source(None)
         scaled = "" if entry.origin == "base" else f" at serve --state-scale {self.registry.state_scale:g}"
         return f"state {entry.name!r}{scaled}"
 
