@@ -54,7 +54,7 @@ loss = step(T)
 secs = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": secs, "tokens_per_s": T / secs, "peak_rss_mb": peak,
-                  "rss_after_load_mb": rss_loaded, "loss": loss}))
+                  "rss_after_load_mb": rss_loaded, "loss": loss}, allow_nan=False))
 """
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 res = run_case(ckpt, T, args.ctx_len, mode, args.threads, args.timeout)
                 results[f"{T}/{mode}"] = res
-                print(json.dumps({"tokens": T, "bptt": mode, **res}), file=sys.stderr, flush=True)
+                print(json.dumps({"tokens": T, "bptt": mode, **res}, allow_nan=False), file=sys.stderr, flush=True)
                 if args.out:  # after every case, so a run stopped midway keeps what it measured
                     _save(args, shape, results, {})
     for T in args.lengths:

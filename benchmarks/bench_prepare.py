@@ -93,7 +93,7 @@ def generate(directory: Path, megabytes: float, seed: int = 0) -> list[Path]:
                 else:
                     record = {"instruction": english(rng, 20), "input": rng.choice(["", english(rng, 40)]),
                               "output": mixed_text(rng)}
-                line = json.dumps(record, ensure_ascii=False) + "\n"
+                line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
                 fh.write(line)
                 size += len(line.encode("utf-8"))
     return files
@@ -107,7 +107,8 @@ def generate_short(directory: Path, megabytes: float, seed: int = 1) -> list[Pat
     with path.open("w", encoding="utf-8") as fh:
         while size < megabytes * 1e6:
             mr = ", ".join(f"{word(rng)}[{word(rng)} {word(rng)}]" for _ in range(rng.randint(3, 6)))
-            line = json.dumps({"mr": mr, "ref": english(rng, rng.randint(12, 30))}, ensure_ascii=False) + "\n"
+            line = json.dumps({"mr": mr, "ref": english(rng, rng.randint(12, 30))}, ensure_ascii=False,
+                              allow_nan=False) + "\n"
             fh.write(line)
             size += len(line.encode("utf-8"))
     return [path]

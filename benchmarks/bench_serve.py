@@ -155,7 +155,7 @@ async def run_phase(host: str, port: int, names: list[str], args: argparse.Names
             name = rng.choice(names) if spread else names[i % len(names)]
             body = json.dumps({"model": name, "prompt": prompt, "max_tokens": args.max_tokens,
                                "temperature": args.temperature, "top_p": args.top_p, "stream": True,
-                               "stream_options": {"include_usage": True}}).encode()
+                               "stream_options": {"include_usage": True}}, allow_nan=False).encode()
             try:
                 results.append(await asyncio.wait_for(one_request(host, port, body), 300))
             except (OSError, TimeoutError, ValueError) as e:
@@ -386,7 +386,8 @@ async def converse(host: str, port: int, args: argparse.Namespace) -> list[list[
         for _ in range(args.turns):
             history.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=args.turn_tokens))})
             body = json.dumps({"model": "persona", "messages": history, "max_tokens": args.turn_tokens,
-                               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
+                               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+                              allow_nan=False).encode()
             r = await asyncio.wait_for(one_request(host, port, body, "/v1/chat/completions"), 900)
             turns.append(r)
             history.append({"role": "assistant", "content": r["text"]})

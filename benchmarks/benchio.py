@@ -19,7 +19,7 @@ def print_rows(rows: list[tuple[str, str]]) -> None:
 
 def write_json(obj: object, path: str | Path, indent: int = 2) -> None:
     """Write ``obj`` as JSON atomically (a run stopped midway leaves the last complete file)."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

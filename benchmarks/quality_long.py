@@ -63,7 +63,7 @@ def packed(groups: dict[str, list[str]], n_seq: int, pack: int, seed: int, part:
 
 
 def write(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     return path
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {"bptt": bptt, "seed": seed, "seconds": secs, "best_val": val, **score(best)}
             runs.append(row)
             results.setdefault(bptt, []).append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row, allow_nan=False), flush=True)
 
     table = [("mode", "seeds | val loss (all examples) | test loss, first example | test loss, later examples |"
               " train s")]

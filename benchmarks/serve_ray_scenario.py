@@ -42,7 +42,8 @@ async def conversation_load(host: str, port: int, names: list[str], args: argpar
             name = rng.choice(names)
             prompt = convs[name] + " " + " ".join(rng.choices(B.WORDS, k=rng.randint(4, 10)))
             body = json.dumps({"model": name, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0,
-                               "top_p": 0.9, "stream": True, "stream_options": {"include_usage": True}}).encode()
+                               "top_p": 0.9, "stream": True, "stream_options": {"include_usage": True}},
+                              allow_nan=False).encode()
             try:
                 r = await asyncio.wait_for(B.one_request(host, port, body), 300)
             except (OSError, TimeoutError, ValueError) as e:

@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         "sources": {s.name: s.stats for s in SOURCES},
         "excluded": {"fortunes": sorted(FORTUNE_SKIP), "python-docs": PYDOC_SKIP.pattern},
     }
-    (out / "sources.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (out / "sources.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     print(f"train {sizes['train']['bytes'] / 1e6:.2f} MB ({sizes['train']['documents']} docs), "
           f"val {sizes['val']['bytes'] / 1e6:.2f} MB ({sizes['val']['documents']} docs) -> {out}/",
           file=sys.stderr)

@@ -47,6 +47,44 @@ class StateFileError(StatetuneError):
     """A state file that cannot be read or does not fit the model."""
 
 
+class NonFiniteError(StatetuneError):
+    """A model's output (its logits, or a loss) that is NaN or infinite.
+
+    Found where the value is computed (the engine checks the logits of every step, the objective a dataset's
+    loss) and raised before anything is written or emitted from it. ``source`` names the start state and its
+    scale (:func:`state_source`): a state or a ``--state-scale`` too large for the model is the usual cause,
+    a damaged model the other.
+    """
+
+    def __init__(self, what: str, detail: str, source: str | None = None) -> None:
+        self.what, self.detail, self.source = what, detail, source
+        origin = f", with {source}" if source else ""
+        why = ("the model's weights drive it out of range; check the model" if source == ZERO_STATE else
+               "the state, its scale or the model's weights drive the model out of range; try a smaller "
+               "--state-scale, or check the state and the model")
+        super().__init__(f"{what} is not finite ({detail}){origin}: {why}")
+
+
+ZERO_STATE = "the zero state"
+
+
+def state_source(path: str | None, scale: float = 1.0) -> str:
+    """How a :class:`NonFiniteError` names a start state: the file (None: zeros) and the scale it is used at."""
+    return ZERO_STATE if path is None else f"state {path} at --state-scale {scale:g}"
+
+
+def check_finite(value, what: str, source: str | None = None, of: str = "values") -> None:
+    """Raise :class:`NonFiniteError` unless ``value`` is finite: a float (a loss), or a tensor of ``of``
+    (logits: one reduction and one device sync, nothing more); ``what`` names it (``"the loss"``)."""
+    import math
+
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise NonFiniteError(what, str(value), source)
+    elif not bool(value.isfinite().all()):
+        raise NonFiniteError(what, f"NaN or infinite {of}", source)
+
+
 def explain(exc: BaseException) -> tuple[str, int] | None:
     """The one-line message and exit code of an expected failure, or None for a bug in statetune.
 

@@ -127,7 +127,7 @@ class FileLock:
             log.info("%s: taking over the lock left by %s, which ended without releasing it", self.path,
                      describe(left))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(identity()) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(identity(), allow_nan=False) + "\n").encode(), 0)
         self._fd = fd
         return self
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from statetune.data.loader import TokenDataset, collate
+from statetune.errors import check_finite
 from statetune.model.base import acc_dtype
 from statetune.model.state import RWKVState
 
@@ -105,6 +106,13 @@ class LossResult:
     @property
     def ppl(self) -> float:
         return math.exp(min(self.loss, 50.0))
+
+    def checked(self, source: str | None = None) -> LossResult:
+        """This result, or :class:`~statetune.errors.NonFiniteError` naming ``source`` (the start state and
+        its scale) when the loss is NaN or infinite: what a report shows must be a number. (The training
+        guard and the learning-rate search read a non-finite loss themselves: a stop, a diverged trial.)"""
+        check_finite(self.loss, "the loss", source)
+        return self
 
 
 @torch.no_grad()

@@ -63,13 +63,13 @@ def chat_prompt(messages: Any) -> str:
 #: plus a blank line, the content stripped with blank lines collapsed (split on "\n", drop empty lines), and
 #: the generation prompt is the bare "Assistant:" cue.
 CHAT_TEMPLATE = (
-    "{%- set names = " + json.dumps(CHAT_ROLES) + " -%}"
+    "{%- set names = " + json.dumps(CHAT_ROLES, allow_nan=False) + " -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in names -%}"
     "{{ raise_exception('chat roles are system, user and assistant, not ' + message['role']) }}"
     "{%- endif -%}"
     "{{ names[message['role']] + ': ' + (message['content'].replace('\\r\\n', '\\n').split('\\n')"
-    " | reject('equalto', '') | join('\\n') | trim) + " + json.dumps(CHAT_END) + " }}"
+    " | reject('equalto', '') | join('\\n') | trim) + " + json.dumps(CHAT_END, allow_nan=False) + " }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )

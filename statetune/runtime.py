@@ -16,7 +16,7 @@ import torch
 
 from statetune import strict_json
 from statetune.device import resolve_device
-from statetune.errors import OptionError, StatetuneError
+from statetune.errors import OptionError, StatetuneError, check_finite, state_source
 from statetune.model.state import RWKVState
 from statetune.options import h
 from statetune.tokenizer import Tokenizer
@@ -73,12 +73,16 @@ def pick_tokenizer(name: str, meta: dict[str, Any], vocab_size: int) -> Tokenize
     return tokenizer
 
 
-def prompt_state(model, ids: list[int], state: RWKVState | None = None) -> RWKVState:
-    """The state after reading ``ids`` from ``state`` (zeros when None), without gradients."""
+def prompt_state(model, ids: list[int], state: RWKVState | None = None, source: str | None = None) -> RWKVState:
+    """The state after reading ``ids`` from ``state`` (zeros when None), without gradients; a
+    :class:`~statetune.errors.NonFiniteError` (naming ``source``) when the model's output there is not finite,
+    so that no state captured from a model out of range is ever written."""
     if not ids:
         raise OptionError("--prompt: the prompt tokenizes to nothing")
     with torch.no_grad():
-        _, out = model(torch.tensor([ids], device=model.device), state, last_only=True)
+        logits, out = model(torch.tensor([ids], device=model.device), state, last_only=True)
+    check_finite(logits, "the model's output after reading the prompt",
+                 source or (state_source(None) if state is None else None), of="logits")
     return out
 
 
@@ -148,12 +152,14 @@ class StateOption:
 
 @dataclass
 class Runtime:
-    """A loaded model with the tokenizer and batch-1 start state to use, and the state file's metadata."""
+    """A loaded model with the tokenizer and batch-1 start state to use, and the state file's metadata;
+    ``source`` names the start state and its scale in errors (:func:`~statetune.errors.state_source`)."""
 
     model: Any
     tokenizer: Tokenizer
     state: RWKVState
     metadata: dict[str, Any]
+    source: str | None = None
 
 
 def load_runtime(opts: ModelOptions, state: str | None = None, scale: float = 1.0) -> Runtime:
@@ -177,4 +183,6 @@ def load_runtime(opts: ModelOptions, state: str | None = None, scale: float = 1.
         source = "the checkpoint's merged state" if model.default_state is not None else "zeros"
     log.info("model %s (%s, %d layers), state %s, tokenizer %s", opts.model, model.config.version,
              model.config.n_layer, source, tokenizer.name)
-    return Runtime(model, tokenizer, start, meta)
+    named = state_source(state, scale) if state else ("the checkpoint's merged state" if model.default_state
+                                                      is not None else state_source(None))
+    return Runtime(model, tokenizer, start, meta, named)

@@ -14,6 +14,7 @@ import torch
 from serve_helpers import random_state
 
 import statetune
+from statetune.errors import NonFiniteError
 from statetune.infer.engine import ERROR, Engine
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
@@ -172,11 +173,10 @@ def test_an_isolating_engine_fails_one_sequence_alone(model):
         assert done[seq_id] == alone
 
 
-def test_the_default_engine_still_raises_nothing_new(model):
-    """Without isolation, the engine's behaviour is as before: no error deltas, no finiteness checks."""
+def test_the_default_engine_raises_instead_of_error_deltas(model):
+    """Without isolation a non-finite output is no error delta (nor a sampled token): it raises."""
     engine = Engine(model, BYTES)
-    engine.add(BYTES.encode("abc"), broken_state(model), SamplingParams(temperature=0, max_tokens=3))
-    finishes = []
-    while len(engine):
-        finishes += [d.finish_reason for d in engine.step() if d.finished]
-    assert ERROR not in finishes
+    engine.add(BYTES.encode("abc"), broken_state(model), SamplingParams(temperature=0, max_tokens=3),
+               source="state broken.safetensors at --state-scale 1")
+    with pytest.raises(NonFiniteError, match="broken.safetensors"):
+        engine.step()

@@ -107,7 +107,7 @@ def parse_mr(mr: str) -> dict[str, str]:
 def to_json(mr: str) -> str:
     """The target: the MR's values in the fixed layout, one line."""
     fields = parse_mr(mr)
-    return json.dumps({k: fields.get(k) for k in LAYOUT}, ensure_ascii=False)
+    return json.dumps({k: fields.get(k) for k in LAYOUT}, ensure_ascii=False, allow_nan=False)
 
 
 def format_scores(hyps: list[str], mrs: list[str]) -> dict[str, float]:

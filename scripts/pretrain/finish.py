@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -74,7 +75,7 @@ def finalize(args: argparse.Namespace, state_path: Path) -> None:
     sd = export_state_dict(model, save_dtype)
     model_path = out / "model.pth"
     save_atomic(sd, model_path)
-    _write_text(out / "tokenizer.json", json.dumps({"tokenizer": "bytes"}) + "\n")
+    _write_text(out / "tokenizer.json", json.dumps({"tokenizer": "bytes"}, allow_nan=False) + "\n")
     file_mb = model_path.stat().st_size / 1e6
     print(f"wrote {model_path} ({file_mb:.2f} MB, {len(sd)} tensors)", flush=True)
 
@@ -114,8 +115,10 @@ def finalize(args: argparse.Namespace, state_path: Path) -> None:
         "command_args": reproduce_args(targs),
     }
     write_card(out, info)
+    # final.json: a number this run has no data for (NaN above) is written as null: JSON has no NaN
     _write_text(Path(targs["work_dir"]) / "final.json", json.dumps(
-        {k: v for k, v in info.items() if k not in ("sources", "args")}, indent=2, default=str) + "\n")
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()
+         if k not in ("sources", "args")}, indent=2, default=str, allow_nan=False) + "\n")
     print(f"wrote {out}/MODEL_CARD.md, loss.png, tokenizer.json", flush=True)
 
 

@@ -74,6 +74,7 @@ class EvalOptions(ModelOptions):
 def evaluate(opts: EvalOptions) -> int:
     """Run the comparison; prints a Markdown table and writes OUT.md / OUT.json when --out is given."""
     from statetune.data.loader import TokenDataset
+    from statetune.errors import state_source
     from statetune.evaluate.compare import compare_states
     from statetune.evaluate.report import markdown_report, state_labels
     from statetune.model.state import RWKVState
@@ -93,12 +94,12 @@ def evaluate(opts: EvalOptions) -> int:
         where = Path(opts.data).with_name(Path(opts.data).name.removesuffix(".jsonl") + ".meta.json")
         raise DataError(f"{where}: stop.ids: {bad[0]!r} is not a token id of the model (0..{vocab - 1})")
     stop = set(ids)
-    candidates: list[tuple[str, RWKVState | None]] = [("base (zero state)", None)]
+    candidates: list[tuple[str, RWKVState | None, str]] = [("base (zero state)", None, state_source(None))]
     for path, name in zip(opts.state, state_labels(opts.state), strict=True):
         state = read_any(path, model).state
         for scale in opts.state_scale:
             label = name if opts.state_scale == [1.0] else f"{name} x{scale:g}"
-            candidates.append((label, state.scaled(scale)))
+            candidates.append((label, state.scaled(scale), state_source(path, scale)))
     result = compare_states(model, tok, data, candidates, stop, generate=opts.generate, max_prompts=opts.max_prompts,
                             max_tokens=opts.max_tokens, examples=opts.examples, batch_size=opts.batch_size,
                             ctx_len=opts.ctx_len, penalties=opts.penalties())
@@ -107,7 +108,7 @@ def evaluate(opts: EvalOptions) -> int:
     md = markdown_report(report)
     print(md)
     if opts.out:
-        write_report(opts.out, md, json.dumps(report, indent=2, ensure_ascii=False))
+        write_report(opts.out, md, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False))
     return 0
 
 

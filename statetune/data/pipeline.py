@@ -73,7 +73,7 @@ def _encoder(cfg: EncodeConfig) -> RecordEncoder | PairEncoder:
 
 def split_key(value: Any) -> str:
     """The text a split decision hashes: the JSON of the value, so ``1`` and ``"1"`` differ."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
 def in_val(key: str, seed: int, fraction: float) -> bool:
@@ -129,7 +129,7 @@ def encode_chunk(cfg: EncodeConfig, items: list[Item]) -> ChunkResult:
 
 def _split_value(record: dict[str, Any], cfg: EncodeConfig) -> str:
     if cfg.split_by is None:
-        return json.dumps(record, sort_keys=True, ensure_ascii=False)
+        return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
     if cfg.split_by not in record:
         raise RecordError(cfg.split_by, "missing (named by --split-by)")
     return split_key(record[cfg.split_by])

@@ -89,7 +89,7 @@ def prepare_dataset(inputs: list[Path], outputs: tuple[Path, Path | None, Path],
             prompt_template=settings.prompt_template, completion_template=settings.completion_template,
             eos_option=settings.eos, val_fraction=settings.val_fraction, split_by=settings.split_by,
             seed=settings.seed, max_len=settings.max_len)
-        files.meta.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        files.meta.write(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         files.commit()
     unit = "pairs" if meta["kind"] == "preference" else "records"
     print(summary(totals, paths, settings.max_len, time.perf_counter() - start, total_bytes, unit), file=sys.stderr)

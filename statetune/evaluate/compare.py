@@ -33,15 +33,18 @@ def prompts_and_references(data: TokenDataset, stop_ids: set[int]) -> References
     return [(list(p), refs) for p, refs in groups.items()]
 
 
-def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[str, RWKVState | None]],
+def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[str, RWKVState | None, str]],
                    stop: set[int], *, generate: bool = False, max_prompts: int | None = None,
                    max_tokens: int = 96, examples: int = 3, batch_size: int = 8,
                    ctx_len: int = 1024, penalties: dict[str, float] | None = None) -> dict[str, Any]:
-    """One row per candidate ``(name, state)`` (None: the zero state) with loss, perplexity and, with
+    """One row per candidate ``(name, state, source)`` (state None: zeros; ``source`` names the state file and
+    its scale in errors) with loss, perplexity and, with
     ``generate``, BLEU/chrF/ROUGE-L/exact match (greedy with ``penalties``, see
     :func:`~statetune.evaluate.generation.greedy_batch`), the share of distinct outputs and, for prompts
     with fields (see :func:`prompt_fields`), the slot error rate; plus up to ``examples`` prompts with every
-    output."""
+    output.
+    A candidate whose loss or logits are not finite raises :class:`~statetune.errors.NonFiniteError`: a report
+    holds numbers only."""
     if data.loss_tokens == 0:
         raise DataError(f"--data {data.path}: no record has a loss token (every mask is 0 after the first "
                         f"token), so there is no loss or perplexity to measure")
@@ -52,12 +55,12 @@ def compare_states(model, tokenizer, data: TokenDataset, candidates: list[tuple[
     refs = [[tokenizer.decode(r).strip() for r in rs] for _, rs in groups]
     fields = prompt_fields(data, tokenizer, [p for p, _ in groups]) if generate else []
     rows, outputs = [], {}
-    for name, state in candidates:
-        res = dataset_loss(model, data, state, batch_size, ctx_len)
+    for name, state, source in candidates:
+        res = dataset_loss(model, data, state, batch_size, ctx_len).checked(source)
         row = {"name": name, "loss": res.loss, "ppl": res.ppl, "loss_tokens": res.loss_tokens}
         if generate:
             hyps = greedy_batch(model, tokenizer, [p for p, _ in groups], state, max_tokens, sorted(stop),
-                                batch_size=batch_size, penalties=penalties)
+                                batch_size=batch_size, penalties=penalties, source=source)
             row.update(generation_scores(hyps, refs), prompts=len(groups),
                        distinct_outputs=distinct_outputs(hyps, len(groups)))
             if any(fields):

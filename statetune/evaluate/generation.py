@@ -19,9 +19,11 @@ DEFAULT_PENALTIES: dict[str, float] = {"repetition_penalty": 1.0, "presence_pena
 
 def greedy_batch(model, tokenizer, prompts: list[list[int]], state: RWKVState | None, max_tokens: int,
                  stop_ids: list[int], stop_text: list[str] | None = None, batch_size: int = 32,
-                 progress=None, penalties: dict[str, Any] | None = None) -> list[str]:
+                 progress=None, penalties: dict[str, Any] | None = None, source: str | None = None) -> list[str]:
     """The greedy continuation of each prompt from ``state``, decoded and stripped, in input order;
-    ``penalties`` are ``SamplingParams`` penalty fields (none by default)."""
+    ``penalties`` are ``SamplingParams`` penalty fields (none by default); ``source`` names the state in a
+    :class:`~statetune.errors.NonFiniteError`."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=list(stop_ids),
                             stop=list(stop_text or []), **(penalties or {}))
-    return [t.strip() for t in decode_all(model, tokenizer, prompts, state, params, batch_size, progress)]
+    return [t.strip() for t in decode_all(model, tokenizer, prompts, state, params, batch_size, progress,
+                                               source)]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from statetune.errors import OptionError, StatetuneError, explain
+from statetune.errors import OptionError, StatetuneError, explain, state_source
 from statetune.infer.engine import Engine, prefill
 from statetune.infer.sampling import MAX_SEED, SamplingParams
 from statetune.interrupts import terminated
@@ -38,6 +38,7 @@ class ChatSession:
         if system:
             self.start = self.feed(chat_turn("system", system), self.start)
         self.state, self.turns = self.start, 0
+        self.source = setup.source  # the start state, as errors name it
 
     def feed(self, text: str, state: RWKVState) -> RWKVState:
         """The state after reading ``text`` from ``state``."""
@@ -51,7 +52,8 @@ class ChatSession:
         params = self.params
         if params.seed is not None:  # a different (reproducible) draw for every turn
             params = replace(params, seed=(params.seed + self.turns) % (MAX_SEED + 1))
-        seq = self.engine.add(self.tokenizer.encode(prompt), self.state, params, keep_state=True)
+        seq = self.engine.add(self.tokenizer.encode(prompt), self.state, params, keep_state=True,
+                              source=self.source)
         done = None
         try:
             while done is None:
@@ -77,7 +79,7 @@ class ChatSession:
         return done.text
 
     def reset(self) -> None:
-        self.state, self.turns = self.start, 0
+        self.state, self.turns, self.source = self.start, 0, self.setup.source
 
     def save(self, path: str) -> None:
         """Save the conversation state as a state file with chat metadata, in the format the name's extension
@@ -95,6 +97,7 @@ class ChatSession:
 
         sf = load_state(path, self.model)
         self.state, self.turns = sf.state, int((sf.metadata.get("conversation") or {}).get("turns", 0))
+        self.source = state_source(path)
 
 
 def _lines(interactive: bool):

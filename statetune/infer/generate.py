@@ -111,7 +111,7 @@ def stream_one(rt: Runtime, tokens: list[int], params: SamplingParams) -> Comple
     """Decode one prompt, writing its text to stdout as it comes (a newline at the end in a terminal)."""
     rt.model.use_decode_layout()  # one sequence: faster matrix-vector products on CPU
     engine = Engine(rt.model, rt.tokenizer, max_batch_size=1)
-    engine.add(tokens, rt.state, params)
+    engine.add(tokens, rt.state, params, source=rt.source)
     t0, done = time.perf_counter(), None
     while done is None:
         for d in engine.step():
@@ -145,7 +145,7 @@ def generate_records(rt: Runtime, records: Records, out: str, batch_size: int,
                                                           file=sys.stderr) as bar:
             while written < len(records):
                 while queued < len(records) and len(engine) < batch_size:
-                    index[engine.add(records[queued][1], rt.state, params_for(queued))] = queued
+                    index[engine.add(records[queued][1], rt.state, params_for(queued), source=rt.source)] = queued
                     queued += 1
                 for d in engine.step():
                     generated += 1
@@ -153,7 +153,7 @@ def generate_records(rt: Runtime, records: Records, out: str, batch_size: int,
                         texts[index.pop(d.seq_id)] = d.completion.text
                 while written in texts:
                     fh.write(json.dumps({**records[written][0], "generated": texts.pop(written)},
-                                        ensure_ascii=False) + "\n")
+                                        ensure_ascii=False, allow_nan=False) + "\n")
                     written += 1
                     bar.update(1)
         log.info("%d records, %d tokens generated, %.1f tokens/s -> %s", len(records), generated,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from statetune.errors import check_finite
 from statetune.model.state import RWKVState
 
 #: Positions whose full logits are held at once while scoring a prompt (256 x 65,536 fp32 = 64 MiB).
@@ -50,11 +51,13 @@ def scores_at(logits: Tensor, tokens: list[int], top: int, vocab_size: int | Non
 
 @torch.no_grad()
 def score_prompt(model, prompt: list[int], state: RWKVState | None, top: int = 0, chunk: int = SCORE_CHUNK,
-                 vocab_size: int | None = None) -> tuple[list[TokenScore], Tensor, RWKVState]:
+                 vocab_size: int | None = None, source: str | None = None) -> tuple[list[TokenScore], Tensor,
+                                                                                   RWKVState]:
     """Read ``prompt`` (batch 1) from ``state``, scoring every token after the first.
 
     Returns the scores (one per prompt token, the first with ``logprob`` None), the logits after the last
     token ``[1, V]`` (what the next, sampled token is drawn from) and the state after the whole prompt.
+    Non-finite logits are a :class:`~statetune.errors.NonFiniteError` naming ``source`` (the start state).
     """
     if not prompt:
         raise ValueError("cannot score an empty prompt")
@@ -63,6 +66,7 @@ def score_prompt(model, prompt: list[int], state: RWKVState | None, top: int = 0
     last = None
     for start in range(0, len(prompt), chunk):
         logits, state = model(tokens[:, start:start + chunk], state)
+        check_finite(logits.sum(), "the model's output while scoring the prompt", source, "logits")
         rows = logits[0]
         targets = prompt[start + 1:start + 1 + rows.shape[0]]
         if targets:

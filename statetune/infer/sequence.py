@@ -69,6 +69,7 @@ class Seq:
     sampler: RowSampler
     decoder: StreamDecoder
     keep_prompt_state: bool = False
+    source: str | None = None  # the start state, as errors name it
     prompt_state: RWKVState | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None

@@ -147,7 +147,8 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
     dtype = hf[spec.embedding].dtype
     shards = _split(hf, max_shard_bytes)
     with atomic_dir(out) as tmp:
-        (tmp / CONFIG).write_text(json.dumps(spec.config(cfg, dtype), indent=2) + "\n", encoding="utf-8")
+        config = json.dumps(spec.config(cfg, dtype), indent=2, allow_nan=False)
+        (tmp / CONFIG).write_text(config + "\n", encoding="utf-8")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if len(shards) == 1:
@@ -160,7 +161,7 @@ def write_hf_dir(sd: dict[str, Tensor], out: str | Path, max_shard_bytes: int | 
                 weight_map.update(dict.fromkeys(part, name))
             total = sum(t.numel() * t.element_size() for t in hf.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return out
 
 

@@ -92,6 +92,6 @@ def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
     }
     return {
         "tokenizer.json": build_tokenizer_json(tokenizer),
-        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-        "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2, allow_nan=False) + "\n",
     }

@@ -70,4 +70,4 @@ class AccessLog:
                 line = {"method": scope.get("method"), "route": route, "status": status or 500,
                         "duration_ms": round((time.perf_counter() - start) * 1e3, 1),
                         "client": f"{client[0]}:{client[1]}" if client else None, **info}
-                log.info("%s", json.dumps(line, ensure_ascii=True, separators=(",", ":")))
+                log.info("%s", json.dumps(line, ensure_ascii=True, separators=(",", ":"), allow_nan=False))

@@ -51,8 +51,9 @@ class Handle:
     """One request's sequence: what to decode, and the queue its :class:`Delta`s (or an error) arrive on.
 
     ``key`` names the start state's version for the prefix cache (None: not cached); ``capture`` asks for
-    the final state in the :class:`Completion`. Only the engine thread sets ``seq_id`` and ``cached`` (the
-    prompt tokens a cached state saved); ``cancelled`` is set by the request's side.
+    the final state in the :class:`Completion`; ``source`` names the start state in errors. Only the engine
+    thread sets ``seq_id`` and ``cached`` (the prompt tokens a cached state saved); ``cancelled`` is set by the
+    request's side.
     """
 
     prompt: list[int]
@@ -62,6 +63,7 @@ class Handle:
     key: str | None = None
     capture: bool = False
     scoring: Scoring = Scoring()
+    source: str | None = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int | None = None
     cancelled: bool = False
@@ -99,9 +101,10 @@ class Batcher:
             self._thread.start()
 
     def submit(self, prompt: list[int], state: RWKVState, params: SamplingParams, key: str | None = None,
-               capture: bool = False, scoring: Scoring | None = None) -> Handle:
+               capture: bool = False, scoring: Scoring | None = None, source: str | None = None) -> Handle:
         """Queue a sequence for the running event loop's request; it joins the batch at the next step."""
-        handle = Handle(prompt, state, params, asyncio.get_running_loop(), key, capture, scoring or Scoring())
+        handle = Handle(prompt, state, params, asyncio.get_running_loop(), key, capture, scoring or Scoring(),
+                        source)
         self._inbox.put(("add", handle))
         return handle
 
@@ -166,7 +169,8 @@ class Batcher:
             try:
                 handle.seq_id = self.engine.add(handle.prompt[cached:], start, handle.params,
                                                 keep_state=caching or handle.capture, keep_prompt_state=caching,
-                                                logprobs=sc.logprobs, prompt_logprobs=sc.prompt, score_only=sc.only)
+                                                logprobs=sc.logprobs, prompt_logprobs=sc.prompt, score_only=sc.only,
+                                                source=handle.source)
                 handle.cached, handle.state = cached, None  # the engine holds it until it has read the prompt
             except ValueError as e:  # validated by the request already; this is a last line of defence
                 out.append((handle, ApiError(400, str(e))))

@@ -29,7 +29,7 @@ log = logging.getLogger("statetune.serve")
 
 def _busy_response() -> bytes:
     body = json.dumps(error_body(503, "too many open connections; try again shortly",
-                                 code="too_many_connections")).encode()
+                                 code="too_many_connections"), allow_nan=False).encode()
     head = ("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\n\r\n")
     return head.encode() + body

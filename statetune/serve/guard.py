@@ -86,7 +86,7 @@ def _open(path: str) -> bool:
 
 
 async def _reply(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
-    data = json.dumps(body).encode()
+    data = json.dumps(body, allow_nan=False).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *headers]})

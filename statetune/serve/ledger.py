@@ -63,7 +63,7 @@ class Ledger:
         return {k: v for k, v in records.items() if isinstance(v, dict)}
 
     def _write(self) -> None:
-        text = json.dumps({"format": FORMAT, "states": self.records}, indent=1, sort_keys=True)
+        text = json.dumps({"format": FORMAT, "states": self.records}, indent=1, sort_keys=True, allow_nan=False)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
 
     def owns(self, name: str, path: Path | None, digest: bool = False) -> bool:

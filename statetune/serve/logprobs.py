@@ -6,7 +6,9 @@ alternatives and the chosen token (None for an echoed prompt's first token, whic
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``.
 
 A token's text is its bytes as UTF-8; a token that holds part of a character (byte-level and some World
-tokens) is written with backslash escapes (``"\\xe4"``), so that different tokens never share a key.
+tokens) is written with backslash escapes (``"\\xe4"``), so that different tokens never share a key. A
+log-probability below ``FLOOR`` (a token the model rules out, ``-inf`` in float32) is written as ``FLOOR``:
+JSON has no infinity.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from typing import Any
 
 from statetune.infer.scoring import TokenScore
 from statetune.tokenizer import Tokenizer
+
+FLOOR = -9999.0
+
+
+def _lp(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, FLOOR)
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:
@@ -39,13 +47,13 @@ class CompletionLogprobs:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for s in scores:
             out["tokens"].append(token_text(self.tokenizer, s.token))
-            out["token_logprobs"].append(s.logprob)
+            out["token_logprobs"].append(_lp(s.logprob))
             out["text_offset"].append(self.offset)
             if s.logprob is None:
                 out["top_logprobs"].append(None)
             else:
-                top = {token_text(self.tokenizer, t): lp for t, lp in s.top[:self.top]}
-                top.setdefault(token_text(self.tokenizer, s.token), s.logprob)
+                top = {token_text(self.tokenizer, t): _lp(lp) for t, lp in s.top[:self.top]}
+                top.setdefault(token_text(self.tokenizer, s.token), _lp(s.logprob))
                 out["top_logprobs"].append(top)
             self.offset += len(self._decoder.decode(self.tokenizer.token_bytes(s.token)))
         return out
@@ -58,4 +66,5 @@ def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenScore], top: int) -> d
 
 
 def _entry(tokenizer: Tokenizer, token: int, logprob: float | None) -> dict[str, Any]:
-    return {"token": token_text(tokenizer, token), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
+    return {"token": token_text(tokenizer, token), "logprob": _lp(logprob),
+            "bytes": list(tokenizer.token_bytes(token))}

@@ -111,7 +111,7 @@ async def run_asgi(app: ASGIApp, request: dict[str, Any], replica: str = "") -> 
 
 async def reply(send: Send, status: int, message: str, code: str | None = None) -> None:
     """Answer with an OpenAI-style error body (the front's own errors: a replica lost, a bad request)."""
-    data = json.dumps(error_body(status, message, code=code)).encode()
+    data = json.dumps(error_body(status, message, code=code), allow_nan=False).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
@@ -135,7 +135,8 @@ def is_stream(start: Message) -> bool:
 
 def stream_error(message: str) -> bytes:
     """The end of a stream that cannot finish: an ``error`` event, then ``data: [DONE]`` (as the app ends its own)."""
-    return b"data: " + json.dumps(error_body(503, message, code="replica_failed")).encode() + b"\n\ndata: [DONE]\n\n"
+    body = json.dumps(error_body(503, message, code="replica_failed"), allow_nan=False)
+    return b"data: " + body.encode() + b"\n\ndata: [DONE]\n\n"
 
 
 __all__ = ["REPLICA_HEADER", "ASGIApp", "Scope", "is_stream", "lifespan", "read_request", "reply", "run_asgi",

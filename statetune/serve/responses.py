@@ -21,7 +21,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def sse(payload: dict[str, Any] | str) -> bytes:
     """One server-sent event: ``data: <json>`` and a blank line."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                                                                   allow_nan=False)
     return f"data: {data}\n\n".encode()
 
 

@@ -17,7 +17,7 @@ from functools import partial
 
 from starlette.requests import Request
 
-from statetune.errors import StatetuneError
+from statetune.errors import StatetuneError, state_source
 from statetune.infer.engine import Delta
 from statetune.infer.sampling import SamplingParams
 from statetune.model.state import RWKVState
@@ -81,7 +81,8 @@ class Service:
         if self.draining:
             raise ShuttingDown()
         state = self.model.zero_state(1) if entry is None else await self.start_state(entry)
-        handle = self.batcher.submit(prompt, state, params, None if entry is None else entry.key, capture, scoring)
+        handle = self.batcher.submit(prompt, state, params, None if entry is None else entry.key, capture, scoring,
+                                     self._source(entry))
         del state  # the handle holds it until the engine has read the prompt
         self.inflight += 1
         watcher = asyncio.create_task(_disconnected(request))
@@ -117,6 +118,13 @@ class Service:
             self.inflight -= 1
             if not finished:
                 self.batcher.cancel(handle)
+
+    def _source(self, entry: Entry | None) -> str:
+        """How an error names the state a request starts from (the served name and ``serve --state-scale``)."""
+        if entry is None:
+            return state_source(None)
+        scaled = "" if entry.origin == "base" else f" at serve --state-scale {self.registry.state_scale:g}"
+        return f"state {entry.name!r}{scaled}"
 
     async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
         """Stop taking requests, give those in flight ``grace`` seconds, then end the rest with a 503."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from statetune.data.loader import TokenDataset, global_batches
 from statetune.device import resolve_device
-from statetune.errors import CheckpointError, DataError
+from statetune.errors import CheckpointError, DataError, state_source
 from statetune.model.checkpoint import load_model
 from statetune.objective import dataset_loss
 from statetune.runtime import dataset_meta, pick_tokenizer, resolve_dtype
@@ -248,7 +248,7 @@ def _train(config: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
                  config.tuning.param.value, run.total_steps, len(run.train_data), run.global_size)
     if run.val_data is not None and run.baseline_val is None:
         run.baseline_val = dataset_loss(run.model, run.val_data, None, config.batch_size, config.ctx_len,
-                                        config.eval.val_batches).loss
+                                        config.eval.val_batches).checked(state_source(None)).loss
         metrics.log("val", 0, loss=run.baseline_val, ppl=math.exp(min(run.baseline_val, 50)), loss_tokens=0,
                     baseline_loss=run.baseline_val, best=False)
 

@@ -58,7 +58,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a") as fh:
-            fh.write(json.dumps({"type": kind, "step": step, **values}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps({"type": kind, "step": step, **values}, ensure_ascii=False, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):

@@ -128,7 +128,7 @@ def write_config(run_dir: Path, config: TrainConfig, lr_search: dict[str, Any] |
 
 def write_lr_search(run_dir: Path, search: dict[str, Any]) -> None:
     """Write ``lr_search.json``: what ``--lr auto`` tried and picked."""
-    text = json.dumps(search, indent=2) + "\n"
+    text = json.dumps(search, indent=2, allow_nan=False) + "\n"
     atomic_write(run_dir / LR_SEARCH, lambda tmp: Path(tmp).write_text(text))
 
 

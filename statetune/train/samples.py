@@ -29,6 +29,7 @@ def sample_generations(model, tokenizer: Tokenizer, data: TokenDataset, state: R
     # seed fixed: greedy decoding draws nothing, and the run's random state must not move
     params = [SamplingParams(temperature=0.0, max_tokens=min(len(ref) + 16, max_tokens), seed=0,
                              stop_token_ids=[tokenizer.eot_id]) for _, ref in records]
-    outputs = decode_all(model, tokenizer, [p for p, _ in records], state, params, batch_size=len(records))
+    outputs = decode_all(model, tokenizer, [p for p, _ in records], state, params, batch_size=len(records),
+                         source="the state being trained")
     return [{"prompt": tokenizer.decode(p), "output": out, "reference": tokenizer.decode(r)}
             for out, (p, r) in zip(outputs, records, strict=True)]

@@ -56,7 +56,11 @@ def save_state(path: str | Path, state: RWKVState, model=None, metadata: dict[st
     if model is not None:
         meta.update(model_metadata(model))
     meta.update({k: v for k, v in (metadata or {}).items() if k not in ("format", "statetune_version")})
-    str_meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
+    try:
+        str_meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, allow_nan=False)
+                    for k, v in meta.items()}
+    except ValueError:  # NaN or infinity somewhere in the metadata: JSON has no such numbers
+        raise StateFileError(f"{path}: not written: its metadata holds NaN or infinity") from None
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=str_meta))
 
 
