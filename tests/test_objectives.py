@@ -293,7 +293,8 @@ def test_dpo_two_processes_match_one(task, tmp_path):
     common[common.index("--batch-size") + 1] = "4"
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "statetune", "train", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     a = statetune.load_state(tmp_path / "one" / "state-final.safetensors").state
     b = statetune.load_state(tmp_path / "two" / "state-final.safetensors").state
@@ -306,7 +307,8 @@ def test_dpo_two_processes_match_one(task, tmp_path):
 
 @pytest.mark.parametrize("line,match", [
     ('{"chosen": {"text": [1, 2, 3], "mask": [0, 1, 1]}}', "expected an object with 'chosen' and 'rejected'"),
-    ('{"chosen": {"text": [1, 2], "mask": [0, 1]}, "rejected": {"text": "ab"}}', "'rejected': field 'text' is a string"),
+    ('{"chosen": {"text": [1, 2], "mask": [0, 1]}, "rejected": {"text": "ab"}}',
+     "'rejected': field 'text' is a string"),
     ('{"chosen": {"text": [1, 2], "mask": [0, 0]}, "rejected": {"text": [1, 3], "mask": [0, 1]}}',
      "'chosen' has no loss token"),
     ('{"chosen": {"text": [1, 999], "mask": [0, 1]}, "rejected": {"text": [1, 3], "mask": [0, 1]}}',
@@ -347,7 +349,7 @@ def test_data_kind_from_meta_or_content(tmp_path):
     ("toml_unknown", 2, "unknown option objective.'gamma'"),
 ])
 def test_documented_errors(task, tmp_path, capsys, case, code, match):
-    (tr, va), (ptr, pva) = task["sft"], task["pref"]
+    tr, ptr = task["sft"][0], task["pref"][0]
     args = {"--model": str(task["model"]), "--train-data": str(tr), "--out": str(tmp_path / "run"), "--max-steps": "1"}
     if case == "dpo_on_sft_data":
         args["--objective"] = "dpo"
@@ -389,7 +391,7 @@ def test_documented_errors(task, tmp_path, capsys, case, code, match):
 
 
 def test_objective_table_in_toml(task, tmp_path):
-    ptr, pva = task["pref"]
+    ptr = task["pref"][0]
     (tmp_path / "c.toml").write_text(f'model = "{task["model"]}"\ntrain_data = "{ptr}"\n'
                                      '[objective]\nobjective = "orpo"\norpo-lambda = 0.25\n')
     assert main(["train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run"), "--max-steps", "1",
