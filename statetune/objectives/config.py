@@ -36,8 +36,9 @@ class ObjectiveConfig:
     objective: Objective = field(default=Objective.sft, metadata=h(
         "What training minimises: sft (next-token loss on mask-1 tokens), dpo or orpo (preference pairs, "
         "see docs/training.md), or distill (match --teacher's next-token distributions)."))
-    beta: float = field(default=0.1, metadata=h("DPO: the temperature of the implicit reward (how far the "
-                                                "state may move from the reference, the starting state)."))
+    beta: float = field(default=0.1, metadata=h("DPO: the implicit reward's scale, beta * (log-prob - the "
+                                                "reference's); larger keeps the state closer to the reference "
+                                                "(the run's starting state)."))
     orpo_lambda: float = field(default=0.1, metadata=h("ORPO: the weight of the odds-ratio term added to the "
                                                        "next-token loss on the chosen completions."))
     teacher: str | None = field(default=None, metadata=h(
