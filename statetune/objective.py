@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,18 +52,27 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int
     return total
 
 
+#: ``head_loss(segment, h [M, C], targets [M], rows [M]) -> summed loss``: what an objective computes from the
+#: final hidden states at a segment's loss positions (``rows`` says which batch row each belongs to).
+HeadLoss = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
 def masked_lm_loss(model, tokens: Tensor, mask: Tensor, state: RWKVState | None,
-                   activation_checkpoint: bool = False, chunk: int = 1024) -> tuple[Tensor, int, RWKVState]:
+                   activation_checkpoint: bool = False, chunk: int = 1024, head_loss: HeadLoss | None = None,
+                   segment: int = 0) -> tuple[Tensor, int, RWKVState]:
     """Summed next-token loss over positions whose target has mask 1, in one pass (no segments).
 
     ``tokens``/``mask`` are ``[B, T]``; position ``t`` predicts token ``t + 1`` and counts when
-    ``mask[:, t + 1]`` is 1. Returns ``(loss_sum, n_loss_tokens, state after tokens[:, :-1])``.
+    ``mask[:, t + 1]`` is 1. Returns ``(loss_sum, n_loss_tokens, state after tokens[:, :-1])``. Another
+    objective replaces the cross-entropy by its ``head_loss`` (called with ``segment``, the window's index).
     """
     inputs, targets, tmask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:].bool()
     h, new_state = model.hidden(inputs, state, checkpoint=activation_checkpoint)
     n = int(tmask.sum())
     if n == 0:
         return h.sum() * 0.0, 0, new_state
+    if head_loss is not None:
+        return head_loss(segment, h[tmask], targets[tmask], tmask.nonzero()[:, 0]), n, new_state
     return chunked_cross_entropy(h[tmask], model.head.weight, targets[tmask], chunk), n, new_state
 
 
@@ -136,18 +146,19 @@ def dataset_loss(model, data: TokenDataset, state: RWKVState | None, batch_size:
 
 
 def backward_sequence(model, tokens: Tensor, mask: Tensor, state: RWKVState, ctx_len: int,
-                      bptt: Bptt = Bptt.full, scale: float = 1.0,
-                      activation_checkpoint: bool = False) -> tuple[float, int]:
+                      bptt: Bptt = Bptt.full, scale: float = 1.0, activation_checkpoint: bool = False,
+                      head_loss: HeadLoss | None = None) -> tuple[float, int]:
     """Backpropagate ``scale`` times the summed loss of a padded batch into whatever ``state`` was computed
     from (the tuned parameters), segment by segment; returns ``(loss_sum, n_loss_tokens)`` unscaled.
 
     ``state`` is a batch-1 or batch-``B`` state carrying an autograd graph; gradients accumulate into the
     leaves' ``.grad`` as with ``Tensor.backward``. Memory holds one segment's activations plus one border
-    state per segment (``L x B x (2C + H N^2)`` floats each).
+    state per segment (``L x B x (2C + H N^2)`` floats each). ``head_loss`` replaces the cross-entropy (see
+    :func:`masked_lm_loss`); it is called once per segment.
     """
     windows = segments(tokens.shape[1], ctx_len)
     if bptt == Bptt.truncated or len(windows) == 1:
-        return _backward_truncated(model, tokens, mask, state, windows, scale, activation_checkpoint)
+        return _backward_truncated(model, tokens, mask, state, windows, scale, activation_checkpoint, head_loss)
     borders = [state]  # the input state of each window; the first keeps its graph to the parameters
     with torch.no_grad():
         s = state.detach()
@@ -159,21 +170,23 @@ def backward_sequence(model, tokens: Tensor, mask: Tensor, state: RWKVState, ctx
         s_in = borders[k] if k == 0 else borders[k].map(lambda t: t.detach().requires_grad_())
         borders[k] = None  # the reverse sweep frees each border once used
         loss, n = _segment_backward(model, tokens[:, windows[k]], mask[:, windows[k]], s_in, carried, scale,
-                                    activation_checkpoint)
+                                    activation_checkpoint, head_loss, k)
         carried = [t.grad for t in s_in.tensors()] if k > 0 else None
         total, count = total + loss, count + n
     return total, count
 
 
 def _segment_backward(model, tokens: Tensor, mask: Tensor, s_in: RWKVState, carried: list[Tensor | None] | None,
-                      scale: float, activation_checkpoint: bool) -> tuple[float, int]:
+                      scale: float, activation_checkpoint: bool, head_loss: HeadLoss | None,
+                      k: int) -> tuple[float, int]:
     """Rebuild one segment from its input state and backpropagate ``scale * loss + <carried, output state>``.
 
     A function of its own so that the segment's graph (held by its loss and output state) is gone before
     the next segment is rebuilt: peak memory is one segment's, not two.
     """
     with torch.enable_grad():
-        loss, n, s_out = masked_lm_loss(model, tokens, mask, s_in, activation_checkpoint)
+        loss, n, s_out = masked_lm_loss(model, tokens, mask, s_in, activation_checkpoint, head_loss=head_loss,
+                                        segment=k)
     roots, grads = [loss * scale], [None]
     if carried is not None:
         for t, g in zip(s_out.tensors(), carried, strict=True):
@@ -185,16 +198,18 @@ def _segment_backward(model, tokens: Tensor, mask: Tensor, s_in: RWKVState, carr
 
 
 def _backward_truncated(model, tokens: Tensor, mask: Tensor, state: RWKVState, windows: list[slice],
-                        scale: float, activation_checkpoint: bool) -> tuple[float, int]:
+                        scale: float, activation_checkpoint: bool, head_loss: HeadLoss | None) -> tuple[float, int]:
     total, count = 0.0, 0
     for k, seg in enumerate(windows):
         if k == 0:  # the gradient reaches the initial state from the first segment only
             with torch.enable_grad():
-                loss, n, state = masked_lm_loss(model, tokens[:, seg], mask[:, seg], state, activation_checkpoint)
+                loss, n, state = masked_lm_loss(model, tokens[:, seg], mask[:, seg], state, activation_checkpoint,
+                                                head_loss=head_loss)
             _backward([loss * scale], [None])
         else:
             with torch.no_grad():
-                loss, n, state = masked_lm_loss(model, tokens[:, seg], mask[:, seg], state)
+                loss, n, state = masked_lm_loss(model, tokens[:, seg], mask[:, seg], state, head_loss=head_loss,
+                                                segment=k)
         state = state.detach()
         total, count = total + float(loss.detach()), count + n
     return total, count

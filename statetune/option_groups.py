@@ -60,11 +60,13 @@ def accepts_flat(cls: type[T]) -> type[T]:
     ``lr`` into the group that owns it (on top of a group object given for that group, if any)."""
     init = cls.__init__
     owners = {f.name: (name, group) for name, group in groups(cls).items() for f in dataclasses.fields(group)}
+    group_types = groups(cls)
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         picked: dict[str, dict[str, Any]] = {}
-        for key in [k for k in kwargs if k in owners]:
+        # a group may hold a leaf of its own name (``objective.objective``): a group object is the group
+        for key in [k for k in kwargs if k in owners and not isinstance(kwargs[k], group_types.get(k, ()))]:
             picked.setdefault(owners[key][0], {})[key] = kwargs.pop(key)
         for name, values in picked.items():
             given = kwargs.get(name)

@@ -26,6 +26,8 @@ FIELDS = {"name": "The Punter", "eatType": "coffee shop", "food": "English", "pr
 ALL_SAID = ("The Punter is a cheap coffee shop by the river near Café Sicilia. It serves English food, is rated "
             "5 out of 5 and is not family-friendly.")
 
+BASE = [("base", None, "the zero state")]  # compare_states candidates: name, state, source
+
 
 def test_parse_mr_and_find_it_in_a_prompt():
     assert parse_mr(MR) == FIELDS
@@ -126,7 +128,7 @@ def test_eval_rows_report_ser_from_each_source_of_fields(tmp_path, tiny_model, m
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     outputs = ["Aromi is in the city centre.", "Paris is family friendly.", "Zizzi is a cheap place.", "hello"]
     monkeypatch.setattr(compare, "greedy_batch", lambda *a, **k: list(outputs))
-    result = compare.compare_states(tiny_model, B, TokenDataset(data, 300), [("base", None, "the zero state")], {0}, generate=True,
+    result = compare.compare_states(tiny_model, B, TokenDataset(data, 300), BASE, {0}, generate=True,
                                     batch_size=2)
     row = result["rows"][0]
     # Aromi: area contradicted (1 of 2); Paris + familyFriendly yes: both said; Zizzi: both said; no fields: skipped
@@ -143,7 +145,7 @@ def test_eval_rows_show_a_state_that_ignores_its_input(tmp_path, tiny_model, mon
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setattr(compare, "greedy_batch", lambda *a, **k: ["the same answer"] * 4)
-    result = compare.compare_states(tiny_model, B, TokenDataset(data, 300), [("base", None, "the zero state")], {0}, generate=True)
+    result = compare.compare_states(tiny_model, B, TokenDataset(data, 300), BASE, {0}, generate=True)
     row = result["rows"][0]
     assert row["distinct_outputs"] == pytest.approx(1 / 4) and "slot_error_rate" not in row
 
@@ -153,4 +155,4 @@ def test_a_bad_mr_field_names_file_and_line(tmp_path, tiny_model, monkeypatch):
     data.write_text(json.dumps(tokenized("Q:", " a")) + "\n" + json.dumps(tokenized("Q:", " b", mr="name[x")) + "\n")
     monkeypatch.setattr(compare, "greedy_batch", lambda *a, **k: ["a"])
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'mr': expected slot\[value\]"):
-        compare.compare_states(tiny_model, B, TokenDataset(data, 300), [("base", None, "the zero state")], {0}, generate=True)
+        compare.compare_states(tiny_model, B, TokenDataset(data, 300), BASE, {0}, generate=True)

@@ -28,6 +28,12 @@ def _parse(line: bytes, where: str, vocab_size: int | None) -> Example:
         rec = strict_json.loads(line)
     except strict_json.StrictJSONError as e:
         raise DataError(f"{where}: {e.msg}") from None
+    return record_example(rec, where, vocab_size)
+
+
+def record_example(rec: object, where: str, vocab_size: int | None) -> Example:
+    """The :class:`Example` of one parsed record ``{"text": [ids], "mask": [0/1]}``, validated; a
+    :class:`DataError` naming ``where`` otherwise."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     ids = rec.get("text")

@@ -1,6 +1,6 @@
 """What a training run is: ``TrainConfig``, the inputs and batch shape, with one dataclass per concern.
 
-The groups (``tuning``, ``optim``, ``schedule``, ``eval``, ``checkpoint``) are nested dataclasses; on the
+The groups (``objective``, ``tuning``, ``optim``, ``schedule``, ``eval``, ``checkpoint``) are nested dataclasses; on the
 command line their fields are flat flags (``--lr``, not ``--optim.lr``) and a TOML config may set them flat
 or in tables (``[optim] lr = 0.5``), see :mod:`statetune.options`. ``TrainConfig(lr=0.5, param="encoder")``
 is accepted too: a flat keyword is routed to the group that owns it.
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from statetune.errors import OptionError
 from statetune.objective import Bptt
+from statetune.objectives.config import ObjectiveConfig
 from statetune.options import accepts_flat, flag, h
 from statetune.runtime import DTYPES, TOKENIZERS, check_choice
 from statetune.tuning.config import StateTuningConfig
@@ -140,6 +141,7 @@ class TrainConfig:
     out: str | None = field(default=None, metadata={**h("Run directory of a new run, for its states, "
                                                           "checkpoints and logs."), "exclusive": "run"})
     val_data: str | None = field(default=None, metadata=h("Tokenized validation JSONL (optional)."))
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     tuning: StateTuningConfig = field(default_factory=StateTuningConfig)
     tokenizer: str = field(default="auto", metadata=h("Tokenizer for --init-prompt and samples: world, "
                                                        "bytes, or auto (from the dataset's meta.json or the "

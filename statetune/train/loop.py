@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from statetune.data.loader import TokenDataset, global_batches
+from statetune.data.loader import global_batches
 from statetune.device import resolve_device
-from statetune.errors import CheckpointError, DataError, state_source
+from statetune.errors import CheckpointError, check_finite, state_source
 from statetune.model.checkpoint import load_model
-from statetune.objective import dataset_loss
+from statetune.objectives import Segmenting, make_objective
 from statetune.runtime import dataset_meta, pick_tokenizer, resolve_dtype
 from statetune.train import guard, rundir, runlock
 from statetune.train.checkpoint import load_latest, save_checkpoint
@@ -32,7 +32,7 @@ from statetune.train.lr_search import search_lr
 from statetune.train.metrics import MetricsLog
 from statetune.train.samples import sample_generations
 from statetune.train.schedule import lr_at
-from statetune.train.setup import initial_state
+from statetune.train.setup import initial_state, load_datasets
 from statetune.train.step import take_step
 from statetune.tuning.statefile import save_state
 from statetune.tuning.tunable import TunableState
@@ -52,17 +52,14 @@ class Run:
             device = f"cuda:{d.local_rank}"
         self.model = load_model(config.model, device=device, dtype=resolve_dtype(config.dtype, device))
         vocab = self.model.config.vocab_size
-        self.train_data = TokenDataset(config.train_data, vocab)
-        self.val_data = TokenDataset(config.val_data, vocab) if config.val_data else None
-        for flag_name, data in (("--train-data", self.train_data), ("--val-data", self.val_data)):
-            if data is not None and data.loss_tokens == 0:
-                raise DataError(f"{flag_name} {data.path}: no record has a loss token (every mask is 0 after "
-                                f"the first token), so there is nothing to learn from or measure")
+        self.train_data, self.val_data = load_datasets(config, vocab)
         self.fingerprint = rundir.data_fingerprint(config)
         self.meta = dataset_meta(config.train_data)
         self.tokenizer = pick_tokenizer(config.tokenizer, self.meta, vocab)
         self.start = start = initial_state(config.tuning, self.model, self.tokenizer)
         self.tunable = TunableState(start, config.tuning, config.seed)
+        self.objective = make_objective(config.objective, self.model, start,
+                                        Segmenting(config.ctx_len, config.bptt, config.activation_checkpoint))
         self.tunable.to(self.model.device)
         groups = self.tunable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
@@ -140,7 +137,7 @@ class Run:
         taken and the validation losses."""
         o = self.config
         return {"steps": self.step, "tokens": self.tokens_seen, "data": Path(o.train_data).name,
-                "data_fingerprint": self.fingerprint, "tuning": o.tuning.to_dict(),
+                "data_fingerprint": self.fingerprint, "tuning": o.tuning.to_dict(), "objective": o.objective.to_dict(),
                 "optim": dataclasses.asdict(o.optim), "schedule": dataclasses.asdict(o.schedule),
                 "batch_size": o.batch_size, "grad_accum": o.grad_accum, "world_size": self.d.world,
                 "ctx_len": o.ctx_len, "bptt": o.bptt.value, "seed": o.seed,
@@ -149,7 +146,7 @@ class Run:
 
     def search_lr(self) -> None:
         """``--lr auto``: search, then train at the pick; the search's log goes to ``lr_search.json``."""
-        search = search_lr(self.model, self.train_data, self.val_data, self.start, self.config, self.d)
+        search = search_lr(self.model, self.train_data, self.val_data, self.start, self.config, self.d, self.objective)
         self.config.optim.lr = search.lr
         self.lr_search = search.as_dict()
         if self.d.main:
@@ -164,8 +161,8 @@ class Run:
     def train_step(self, batches: list[list[int]]) -> dict:
         o = self.config
         lr = lr_at(self.step, self.total_steps, o.optim.lr, o.schedule.lr_final, o.schedule.warmup_steps)
-        stats = take_step(self.model, self.train_data, batches[self.batch_in_epoch], self.tunable, self.optimizer,
-                          self.params, o, self.d, lr)
+        stats = take_step(self.objective, self.train_data, batches[self.batch_in_epoch], self.tunable,
+                          self.optimizer, self.params, o, self.d, lr)
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
@@ -177,8 +174,7 @@ class Run:
     def validate(self, metrics: MetricsLog) -> bool:
         """Validate, keep the best state, log samples; True when early stopping says stop."""
         o = self.config
-        res = dataset_loss(self.model, self.val_data, self.current_state(), o.batch_size, o.ctx_len,
-                           o.eval.val_batches)
+        res = self.objective.evaluate(self.val_data, self.current_state(), o.batch_size, o.eval.val_batches)
         if not math.isfinite(res.loss):
             raise guard.non_finite(self.run_dir, self.step, f"the validation loss is {res.loss}")
         improved = self.best_val is None or res.loss < self.best_val
@@ -188,16 +184,17 @@ class Run:
             self.save_state_file("state-best.safetensors", res.loss)
         else:
             self.bad_evals += 1
-        metrics.log("val", self.step, loss=res.loss, ppl=res.ppl, loss_tokens=res.loss_tokens,
-                    baseline_loss=self.baseline_val, best=improved)
-        log.info("step %d: val loss %.4f (ppl %.2f), zero-state baseline %.4f%s", self.step, res.loss, res.ppl,
+        metrics.log("val", self.step, **res.metrics, baseline_loss=self.baseline_val, best=improved)
+        extra = "".join(f", {k} {v:.4g}" for k, v in res.metrics.items() if k != "loss" and isinstance(v, float))
+        log.info("step %d: val loss %.4f%s, zero-state baseline %.4f%s", self.step, res.loss, extra,
                  self.baseline_val, " *best*" if improved else "")
         if self.d.main:
             self.log_samples(metrics)
         return o.eval.patience is not None and self.bad_evals >= o.eval.patience
 
     def log_samples(self, metrics: MetricsLog) -> None:
-        for sample in sample_generations(self.model, self.tokenizer, self.val_data, self.current_state(),
+        records = getattr(self.val_data, "chosen", self.val_data)  # preference pairs: their chosen sides
+        for sample in sample_generations(self.model, self.tokenizer, records, self.current_state(),
                                          self.config.eval.samples):
             metrics.log("sample", self.step, **sample)
 
@@ -247,10 +244,10 @@ def _train(config: TrainConfig, d: Dist, resume: bool, overwrite: bool) -> int:
         log.info("training %d parameters (%s) for %d steps; %d records, global batch %d", run.tunable.n_trainable(),
                  config.tuning.param.value, run.total_steps, len(run.train_data), run.global_size)
     if run.val_data is not None and run.baseline_val is None:
-        run.baseline_val = dataset_loss(run.model, run.val_data, None, config.batch_size, config.ctx_len,
-                                        config.eval.val_batches).checked(state_source(None)).loss
-        metrics.log("val", 0, loss=run.baseline_val, ppl=math.exp(min(run.baseline_val, 50)), loss_tokens=0,
-                    baseline_loss=run.baseline_val, best=False)
+        base = run.objective.evaluate(run.val_data, None, config.batch_size, config.eval.val_batches)
+        check_finite(base.loss, "the loss", state_source(None))
+        run.baseline_val = base.loss
+        metrics.log("val", 0, **{**base.metrics, "loss_tokens": 0}, baseline_loss=base.loss, best=False)
 
     stop = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))

@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from statetune.data.loader import TokenDataset, global_batches
+from statetune.data.loader import global_batches
 from statetune.errors import OptionError
 from statetune.model.state import RWKVState
-from statetune.objective import dataset_loss
+from statetune.objectives import Segmenting, SFTObjective, TrainObjective
 from statetune.train import guard
 from statetune.train.config import TrainConfig
 from statetune.train.distributed import Dist
@@ -35,8 +35,8 @@ SCORE_BATCHES = 16
 HELD_OUT_BATCHES = 4
 
 
-def search_lr(model, train: TokenDataset, val: TokenDataset | None, start: RWKVState, config: TrainConfig,
-              d: Dist) -> LRSearch:
+def search_lr(model, train, val, start: RWKVState, config: TrainConfig, d: Dist,
+              objective: TrainObjective | None = None) -> LRSearch:
     """Run the search described in the module docstring and return its pick and log (nothing is changed)."""
 
     def report(t: TrialResult) -> None:
@@ -46,8 +46,9 @@ def search_lr(model, train: TokenDataset, val: TokenDataset | None, start: RWKVS
 
     rng = torch.get_rng_state()
     try:
-        search = find_lr(make_trial(model, train, val, start, config, d), rates=config.optim.lr_search_rates,
-                         steps=config.optim.lr_search_steps, on_trial=report)
+        trial = make_trial(model, train, val, start, config, d, objective)
+        search = find_lr(trial, rates=config.optim.lr_search_rates, steps=config.optim.lr_search_steps,
+                         on_trial=report)
     finally:
         torch.set_rng_state(rng)  # the run itself starts exactly as it would have with a fixed rate
     search.rule += ", scored on " + ("validation" if val is not None else "held-out training batches")
@@ -56,15 +57,17 @@ def search_lr(model, train: TokenDataset, val: TokenDataset | None, start: RWKVS
     return search
 
 
-def make_trial(model, train: TokenDataset, val: TokenDataset | None, start: RWKVState, config: TrainConfig,
-               d: Dist) -> Trial:
-    """``trial(lr, steps) -> held-out loss`` for this run, as the module docstring describes."""
+def make_trial(model, train, val, start: RWKVState, config: TrainConfig, d: Dist,
+               objective: TrainObjective | None = None) -> Trial:
+    """``trial(lr, steps) -> held-out loss`` for this run, as the module docstring describes, through the
+    run's ``objective`` (default: the masked next-token loss) and scored by its loss."""
+    if objective is None:
+        objective = SFTObjective(model, Segmenting(config.ctx_len, config.bptt, config.activation_checkpoint))
     o = config.optim
     batches = global_batches(train.lengths, config.batch_size * config.grad_accum * d.world, config.seed, 0)
     if val is not None:
         def score(state: RWKVState) -> float:
-            return dataset_loss(model, val, state, config.batch_size, config.ctx_len,
-                                config.eval.val_batches or SCORE_BATCHES).loss
+            return objective.evaluate(val, state, config.batch_size, config.eval.val_batches or SCORE_BATCHES).loss
     else:
         n_held = min(HELD_OUT_BATCHES, len(batches) // 5)
         if n_held < 1:
@@ -75,7 +78,7 @@ def make_trial(model, train: TokenDataset, val: TokenDataset | None, start: RWKV
         batches = batches[:-n_held]
 
         def score(state: RWKVState) -> float:
-            return dataset_loss(model, train, state, config.batch_size, config.ctx_len, indices=held).loss
+            return objective.evaluate(train, state, config.batch_size, indices=held).loss
 
     def trial(lr: float, n_steps: int) -> float:
         tunable = TunableState(start, config.tuning, config.seed).to(model.device)
@@ -85,7 +88,7 @@ def make_trial(model, train: TokenDataset, val: TokenDataset | None, start: RWKV
         warmup = max(1, n_steps // 6)
         for i in range(n_steps):
             peak_here = lr_at(i, n_steps, lr, min(config.schedule.lr_final, lr), warmup)
-            stats = take_step(model, train, batches[i % len(batches)], tunable, optimizer, params, config, d,
+            stats = take_step(objective, train, batches[i % len(batches)], tunable, optimizer, params, config, d,
                               peak_here)
             if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
                 raise FloatingPointError

@@ -2,9 +2,11 @@
 
 Schema of ``metrics.jsonl`` (every line has ``type`` and ``step``):
 
-- ``train``: ``loss`` (mean over the step's loss tokens), ``lr``, ``grad_norm``, ``loss_tokens``,
-  ``tokens`` (all tokens processed so far), ``tokens_per_s``, ``elapsed_s``;
+- ``train``: ``loss`` (the objective's; for sft the mean over the step's loss tokens), ``lr``, ``grad_norm``,
+  ``loss_tokens``, ``tokens`` (all tokens processed so far), ``tokens_per_s``, ``elapsed_s``;
 - ``val``: ``loss``, ``ppl``, ``loss_tokens``, ``baseline_loss`` (the untuned zero state), ``best``;
+- with ``--objective dpo|orpo``, ``train`` and ``val`` also have ``chosen_loss``, ``accuracy``, ``margin`` and
+  ``pairs`` (``val``: ``chosen_ppl`` in place of ``ppl``); with ``distill``, ``kl`` and ``ce``;
 - ``sample``: ``prompt``, ``output``, ``reference``.
 
 A process killed while appending can leave a torn last line; readers skip it (resume removes it, and says

@@ -38,6 +38,22 @@ def _enum(cls: type[enum.Enum], name: str, value: Any) -> Any:
                           f"{', '.join(m.value for m in cls)})") from None
 
 
+def parse_layers(spec: str) -> list[int]:
+    """``"0-3"``, ``"0,2,5"`` or ``"0-1,4"`` as a sorted list of distinct layer indices (``--layers``)."""
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise OptionError(f"--layers: invalid value {spec!r}: expected layer numbers and ranges such as "
+                              f"0-3 or 0,2,5") from None
+        if first < 0 or last < first or last > 100_000:
+            raise OptionError(f"--layers: invalid range {part.strip()!r} in {spec!r}: need 0 <= first <= last")
+        out.update(range(first, last + 1))
+    return sorted(out)
+
+
 @dataclass
 class StateTuningConfig:
     """The state-tuning method: parameterisation, encoder scope and sizes, token-shift states, initial state."""
@@ -55,6 +71,9 @@ class StateTuningConfig:
                                                    "state file to continue from."))
     init_prompt: str | None = field(default=None, metadata=h("Text whose final state initialises training "
                                                               "(with --init prompt)."))
+    layers: str | None = field(default=None, metadata=h(
+        "Train only these layers' states (e.g. 0-3, 0,2,5; default: all); the others keep their initial "
+        "state, and the saved state file still holds every layer.", metavar="LIST"))
 
     def __post_init__(self) -> None:
         self.param = _enum(Param, "param", self.param)
@@ -66,6 +85,18 @@ class StateTuningConfig:
             raise OptionError(f"--shift-lr-scale: must not be negative, got {self.shift_lr_scale}")
         if self.init == "prompt" and not self.init_prompt:
             raise OptionError("--init prompt needs --init-prompt TEXT")
+        if self.layers is not None:
+            parse_layers(self.layers)
+
+    def layer_list(self, n_layer: int) -> list[int] | None:
+        """The trained layers in order (None: all of them), checked against a model of ``n_layer`` layers."""
+        if self.layers is None:
+            return None
+        layers = parse_layers(self.layers)
+        if layers[-1] >= n_layer:
+            raise OptionError(f"--layers: layer {layers[-1]} is out of range: the model has {n_layer} layers "
+                              f"(0..{n_layer - 1})")
+        return layers
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON values (enums by value), for metadata and ``config.toml``."""

@@ -52,7 +52,9 @@ class TunableState(nn.Module):
 
     ``base`` is the initialisation (zeros, a prompt's state, or a state file) and stays fixed; ``config``
     says what is trained (default: the WKV state directly). With ``config.tune_shift`` the two token-shift
-    vectors per layer are trained too (always directly). ``seed`` draws the encoder's initial weights.
+    vectors per layer are trained too (always directly). With ``config.layers`` only those layers are trained
+    (the parameters cover them alone) and every other layer of the produced state is exactly ``base``'s.
+    ``seed`` draws the encoder's initial weights.
     """
 
     def __init__(self, base: RWKVState, config: StateTuningConfig | None = None, seed: int = 0):
@@ -63,22 +65,31 @@ class TunableState(nn.Module):
         self.register_buffer("base_wkv", base.wkv.clone().float())
         self.register_buffer("base_ffn", base.ffn_shift.clone().float())
         L, _, H, N, _ = base.wkv.shape
+        layers = config.layer_list(L)
+        self.layers = None if layers is None else torch.tensor(layers)
+        T = L if layers is None else len(layers)  # the trained layers
         self.param, self.tune_shift = config.param, config.tune_shift
         if self.param == Param.direct:
-            self.wkv = nn.Parameter(torch.zeros(L, 1, H, N, N))
+            self.wkv = nn.Parameter(torch.zeros(T, 1, H, N, N))
         else:
             g = torch.Generator().manual_seed(seed)
-            self.encoder = StateEncoder(L, H, N, config.encoder_scope, config.encoder_in, config.encoder_hidden, g)
+            self.encoder = StateEncoder(T, H, N, config.encoder_scope, config.encoder_in, config.encoder_hidden, g)
         if self.tune_shift:
-            self.att_shift = nn.Parameter(torch.zeros_like(self.base_att))
-            self.ffn_shift = nn.Parameter(torch.zeros_like(self.base_ffn))
+            self.att_shift = nn.Parameter(torch.zeros(T, *self.base_att.shape[1:]))
+            self.ffn_shift = nn.Parameter(torch.zeros(T, *self.base_ffn.shape[1:]))
+
+    def _add(self, base: Tensor, delta: Tensor) -> Tensor:
+        """``base`` plus ``delta`` on the trained layers (all of them, or ``config.layers``)."""
+        if self.layers is None:
+            return base + delta
+        return base.index_add(0, self.layers.to(base.device), delta)
 
     def forward(self) -> RWKVState:
         delta = self.wkv if self.param == Param.direct else self.encoder().unsqueeze(1)
         att, ffn = self.base_att, self.base_ffn
         if self.tune_shift:
-            att, ffn = att + self.att_shift, ffn + self.ffn_shift
-        return RWKVState(att, self.base_wkv + delta, ffn)
+            att, ffn = self._add(att, self.att_shift), self._add(ffn, self.ffn_shift)
+        return RWKVState(att, self._add(self.base_wkv, delta), ffn)
 
     def distance_sq(self) -> Tensor:
         """Squared distance of the produced state from ``base`` over everything trained (the WKV state, and
