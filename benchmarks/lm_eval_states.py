@@ -150,7 +150,8 @@ TASK_YAML = {
            "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
     "cloze": "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
              "doc_to_target: answer\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
-    "e2e": "output_type: generate_until\ndoc_to_text: " + json.dumps(PROMPT.replace("{mr}", "{{mr}}")) +
+    "e2e": "output_type: generate_until\ndoc_to_text: "
+           + json.dumps(PROMPT.replace("{mr}", "{{mr}}"), allow_nan=False) +
            "\ndoc_to_target: \" {{ref}}\"\ntarget_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n"
            "  max_gen_toks: 96\n  temperature: 0\n  do_sample: false\nmetric_list:\n  - metric: bleu\n"
            "  - metric: chrf\n  - metric: exact_match\n",
@@ -167,7 +168,7 @@ def write_tasks(a: argparse.Namespace) -> dict[str, int]:
             "e2e": e2e_heldout(a.work / "data" / "e2e.val.jsonl", a.e2e_mrs)}
     for key, rows in data.items():
         jsonl = (folder / f"{key}.jsonl").resolve()
-        jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        jsonl.write_text("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
         (folder / f"st_{key}.yaml").write_text(
             f"task: st_{key}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {jsonl}\n"
             f"test_split: test\n{TASK_YAML[key]}metadata:\n  version: 1.0\n")
@@ -234,8 +235,8 @@ def crosscheck(a: argparse.Namespace, name: str) -> dict:
 
     tok = get_tokenizer("bytes")
     data = a.work / "crosscheck.jsonl"
-    data.write_text("".join(json.dumps({"text": [0] + tok.encode(d), "mask": [0] + [1] * len(tok.encode(d))}) + "\n"
-                            for d in documents(a.corpus)))
+    data.write_text("".join(json.dumps({"text": [0] + tok.encode(d), "mask": [0] + [1] * len(tok.encode(d))},
+                                       allow_nan=False) + "\n" for d in documents(a.corpus)))
     cmd = [PY, "-m", "statetune", "eval", "--model", str(a.model), "--data", str(data), "--out",
            str(a.work / f"crosscheck-{name}"), "--threads", str(a.threads)]
     cmd += [] if name == "base" else ["--state", str(a.work / "states" / f"{name}.safetensors")]

@@ -31,6 +31,10 @@ class RecordError(DataError):
         self.field = field
         self.detail = detail
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from both arguments: a reader's error travels to ``prepare``'s worker processes."""
+        return type(self), (self.field, self.detail)
+
     @property
     def message(self) -> str:
         """The message without the field when the problem is the whole record (bad JSON, wrong columns)."""

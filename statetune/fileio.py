@@ -22,17 +22,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from statetune.errors import StatetuneError
 from statetune.filemodes import file_mode, give_normal_modes
+from statetune.outpaths import special_message
 
 
-def temp_beside(path: str | Path) -> Path:
-    """A new empty temporary file in ``path``'s directory (created there; normal permissions)."""
+def temp_beside(path: str | Path, private: bool = False) -> Path:
+    """A new empty temporary file in ``path``'s directory (created there; normal permissions, or ``0600``
+    when ``private``)."""
     p = Path(path)
     make_parent(p)
     remove_stale_temps(p)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        os.fchmod(fd, file_mode())
+        os.fchmod(fd, 0o600 if private else file_mode())
     finally:
         os.close(fd)
     return Path(tmp)
@@ -132,9 +135,10 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
-    with AtomicGroup([path]) as group, group.naming_destinations():
+def atomic_write(path: str | Path, write: Callable[[str], object], private: bool = False) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file (``private``:
+    readable and writable by its owner only, ``0600``, whatever the umask)."""
+    with AtomicGroup([path], private) as group, group.naming_destinations():
         tmp = str(group.temps[0])
         try:
             write(tmp)
@@ -188,14 +192,17 @@ class AtomicGroup:
     every existing destination, so that if one rename fails the ones already done are rolled back.
     """
 
-    def __init__(self, paths: list[str | Path]) -> None:
+    def __init__(self, paths: list[str | Path], private: bool = False) -> None:
         self.finals = [Path(p) for p in paths]
+        self.private = private
         self.temps: list[Path] = []
         self._open = True
         try:
             for p in self.finals:
+                if (message := special_message(p)) is not None:  # the same rule as every --out flag
+                    raise StatetuneError(message)
                 try:
-                    self.temps.append(temp_beside(p))
+                    self.temps.append(temp_beside(p, private))
                 except OSError as e:
                     raise _renamed(e, {os.fsdecode(e.filename or ""): str(p)}) from None
         except BaseException:
@@ -217,7 +224,8 @@ class AtomicGroup:
         try:
             with self.naming_destinations():
                 for tmp in self.temps:
-                    give_normal_modes(tmp)  # the writer may have replaced the file with one of its own
+                    # the writer may have replaced the file with one of its own
+                    os.chmod(tmp, 0o600) if self.private else give_normal_modes(tmp)
                     fsync_file(tmp)
                 _commit(self.temps, self.finals)
         finally:

@@ -1,7 +1,8 @@
 """The permissions statetune gives what it writes: those of an ordinary write under the process's umask.
 
 Files get ``0666`` and directories ``0777``, less the umask (``0644``/``0755`` under the usual ``022``), so
-that a server running as another user can read a state, a dataset or a converted model. Temporary files
+that a server running as another user can read a state, a dataset or a converted model; a directory made in
+a set-group-ID directory keeps that bit, as with ``mkdir``. Temporary files
 and directories (``mkstemp``, ``mkdtemp``) start as ``0600``/``0700``, and some writer libraries write to a
 temporary file of their own and rename it (safetensors' ``save_file``), so every writer in
 :mod:`statetune.fileio` sets the mode here just before its output is renamed into place.
@@ -51,7 +52,9 @@ def give_normal_modes(path: str | Path) -> None:
         os.chmod(p, files)
         return
     for root, _, names in os.walk(p):  # links are left alone: a link's target is not ours to change
-        os.chmod(root, dirs)
+        # keep the set-group-ID bit the kernel gave a directory made inside a setgid one (as mkdir does), so
+        # that what is later created in it keeps the shared group
+        os.chmod(root, dirs | (os.stat(root).st_mode & stat.S_ISGID))
         for name in names:
             entry = os.path.join(root, name)
             if stat.S_ISREG(os.lstat(entry).st_mode):

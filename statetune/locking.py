@@ -21,12 +21,14 @@ timed out, not who holds it, which is the one thing a refused run's message need
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shlex
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -103,7 +105,7 @@ class FileLock:
         while True:
             make_parent(self.path)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fd = _open_lock_file(self.path)
             except FileNotFoundError:  # the folder was removed between the two calls: make it again
                 continue
             try:
@@ -181,6 +183,26 @@ def lock_beside(path: str | Path) -> Path:
     """The lock file that guards writes of ``path`` (a hidden file beside it, removed after each write)."""
     p = Path(path)
     return p.parent / f".{p.name}.lock"
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file ``path``, which must be a regular file: never through a symbolic link
+    (its holder truncates and writes the file, which would damage the link's target), and never a FIFO,
+    device or directory someone put there."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    kind = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+    raise StatetuneError(f"{path}: this lock file is {kind}; statetune creates it as a plain file and removes it "
+                         "after use, so it was put there by something else: remove it and run again")
 
 
 def _names(path: Path, fd: int) -> bool:

@@ -58,7 +58,7 @@ def loads(text: str | bytes) -> Any:
     except RecursionError:
         raise StrictJSONError("JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
-        raise StrictJSONError(f"invalid JSON: {e.msg} at column {e.colno}"
+        raise StrictJSONError(f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
                               + (f" of line {e.lineno}" if e.lineno > 1 else "")) from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
         raise StrictJSONError(f"a number with more than {sys.get_int_max_str_digits()} digits") from None

@@ -102,7 +102,7 @@ def _child(fn: Callable[[Any], Any], opts: Any, out: str) -> None:
         os.setpgid(0, 0)
     entry = run_inline(Part("child", fn, float("inf")), opts, float("inf"))
     tmp = out + ".tmp"
-    Path(tmp).write_text(json.dumps(entry, default=str))
+    Path(tmp).write_text(json.dumps(entry, default=str, allow_nan=False))
     os.replace(tmp, out)
 
 

@@ -67,7 +67,7 @@ class ServeOptions(ModelOptions):
         "Most connections open at once (default: 3/4 of the open-file limit, ulimit -n, at most 4096). At the "
         "cap a new connection closes the one idle longest; when all have a request in progress it gets 503."))
     header_timeout: float = field(default=10.0, metadata=h(
-        "Seconds a connection gets to send a request's complete headers; slower ones are closed."))
+        "Seconds a connection gets to send a request's complete headers, and then its body; slower ones are closed."))
     keep_alive_timeout: float = field(default=5.0, metadata=h(
         "Seconds an idle connection is kept open between requests."))
     max_api_states: int = field(default=32, metadata=h(

@@ -16,6 +16,8 @@ import signal
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -24,6 +26,7 @@ from statetune.data.fields import RecordError
 from statetune.data.formats import Format, Piece, RecordEncoder
 from statetune.data.preference import SIDES, PairEncoder
 from statetune.data.readers import Item, parse_json_line
+from statetune.errors import DataError
 from statetune.tokenizer import get_tokenizer
 
 #: How many records over ``--max-len`` (and how many skipped records) are listed by line.
@@ -177,19 +180,23 @@ def _quiet_worker() -> None:
 
 
 class ChunkRunner:
-    """Runs ``encode_chunk`` in this process or in a pool, yielding results in input order.
+    """Runs ``encode_chunk`` in this process or in worker processes, yielding results in input order.
 
     At most two chunks per worker are in flight, so memory stays bounded however large the input. When the
-    run stops early (a bad record, Ctrl-C) the pool is terminated and its workers end without a word.
+    run stops early (a bad record, Ctrl-C) the chunks not yet started are cancelled, the few in flight end,
+    and the workers exit without a word. (``multiprocessing.Pool.terminate`` can hang for good here: its
+    result thread stops reading while a worker is still sending a large result, and the pipe stays full.
+    ``ProcessPoolExecutor`` keeps reading until every worker has exited.)
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.pool = None
+        self.pool: ProcessPoolExecutor | None = None
         if workers > 1:
             # fork starts workers in milliseconds and shares the loaded tokenizer; spawn elsewhere.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(workers, initializer=_quiet_worker)
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                            initializer=_quiet_worker)
 
     def map(self, cfg: EncodeConfig, chunks: Iterable[list[Item]]) -> Iterator[ChunkResult]:
         """``encode_chunk(cfg, chunk)`` for each chunk, in order."""
@@ -197,18 +204,21 @@ class ChunkRunner:
             for chunk in chunks:
                 yield encode_chunk(cfg, chunk)
             return
-        pending: deque[Any] = deque()
-        for chunk in chunks:
-            pending.append(self.pool.apply_async(encode_chunk, (cfg, chunk)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        pending: deque[Future[ChunkResult]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(self.pool.submit(encode_chunk, cfg, chunk))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise DataError("a worker process ended unexpectedly (killed by a signal, or out of memory); "
+                            "run again, or with fewer --workers") from None
 
     def __enter__(self) -> ChunkRunner:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -20,6 +20,9 @@ from statetune.errors import DataError
 Item = tuple[int, bytes | dict[str, str] | RecordError, int]
 
 _BOM = b"\xef\xbb\xbf"
+#: The longest record read (a JSONL line, a CSV field): one record becomes tens of times its size in memory
+#: as token ids, so a larger one would make memory depend on the data, not on ``prepare``'s chunking.
+MAX_RECORD_BYTES = 16 << 20
 
 
 def file_kind(path: Path) -> str:
@@ -35,13 +38,32 @@ def read_items(path: Path) -> Iterator[Item]:
 
 
 def read_jsonl(path: Path) -> Iterator[Item]:
-    """Non-blank lines of a JSON Lines file as raw bytes (a UTF-8 byte-order mark is dropped)."""
+    """Non-blank lines of a JSON Lines file as raw bytes (a UTF-8 byte-order mark is dropped). A line longer
+    than :data:`MAX_RECORD_BYTES` is not kept in memory: it comes out as a ``RecordError``."""
     with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
+        line_no = 0
+        while raw := fh.readline(MAX_RECORD_BYTES + 1):
+            line_no += 1
+            if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                nbytes = len(raw) + _skip_line(fh)
+                yield line_no, RecordError("record", f"a line of {nbytes / 2**20:,.0f} MiB; a record is at most "
+                                           f"{MAX_RECORD_BYTES >> 20} MiB (split longer texts into several "
+                                           "records)"), nbytes
+                continue
             if line_no == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
             if raw.strip():
                 yield line_no, raw, len(raw)
+
+
+def _skip_line(fh: Any) -> int:
+    """Read past the rest of the current line, a block at a time; the bytes skipped."""
+    skipped = 0
+    while block := fh.readline(1 << 20):
+        skipped += len(block)
+        if block.endswith(b"\n"):
+            break
+    return skipped
 
 
 def parse_json_line(raw: bytes) -> dict[str, Any]:
@@ -85,7 +107,7 @@ class _LineFeed:
 
 def read_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
     """Rows of a CSV/TSV file with a header row, as ``{column: value}`` (quoted fields may span lines)."""
-    csv.field_size_limit(2**31 - 1)
+    csv.field_size_limit(MAX_RECORD_BYTES)
     with path.open("rb") as fh:
         feed = _LineFeed(fh)
         reader = csv.reader(feed, delimiter=delimiter, strict=True)  # strict: an unclosed quote is an error
@@ -101,6 +123,9 @@ def read_csv(path: Path, delimiter: str = ",") -> Iterator[Item]:
                 if "end of data" in str(e):
                     raise DataError(f"{path}:{start}: a quoted field opened in the record starting on this line "
                                     "is never closed (unterminated '\"')") from None
+                if "field limit" in str(e):
+                    raise DataError(f"{path}:{start}: a field longer than {MAX_RECORD_BYTES >> 20} MiB (split longer "
+                                    "texts into several records)") from None
                 raise DataError(f"{path}:{start}: unreadable CSV ({e}); cannot continue past it") from None
             nbytes, seen = feed.bytes_read - seen, feed.bytes_read
             if not row or all(not cell.strip() for cell in row):

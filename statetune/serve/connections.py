@@ -5,7 +5,11 @@ that connects and never finishes its headers holds a socket for ever, and ``limi
 only once a request's headers have arrived, so it counts such a client without ever closing it. Here:
 
 - a connection must deliver a request's complete headers within ``header_timeout`` seconds of being ready
-  for one (accepted, or done with the previous response), or it is closed;
+  for one (accepted, or done with the previous response), and then its body within ``header_timeout``
+  seconds more, or it is closed (a body sent a byte at a time would otherwise hold a connection that is
+  never idle, so never closed for room);
+- a request's headers are at most :data:`MAX_HEADER_BYTES` all together, however they arrive (h11 bounds
+  only headers still incomplete, so a larger block that arrives in one piece would pass): a 400 beyond;
 - at ``max_connections`` open connections a new one closes the connection that has waited longest for a
   request (idle or still sending headers) to take its place, so a flood of idle connections cannot lock out
   ``/health`` or a real client; a request in progress (a stream) is never closed for room. When every
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import h11
@@ -25,6 +30,8 @@ from statetune.serve.errors import error_body
 from statetune.serve.fdlimits import ConnectionLimits
 
 log = logging.getLogger("statetune.serve")
+MAX_HEADER_BYTES = 16 << 10  # a request's headers, all together (h11's own default for incomplete ones)
+_END_OF_HEADERS = re.compile(rb"\n\r?\n")  # the blank line that ends them, as h11 finds it
 
 
 def _busy_response() -> bytes:
@@ -47,6 +54,7 @@ class BoundedH11Protocol(H11Protocol):
         self.refused = False
         self.waiting_since = 0.0
         self.header_timer = None
+        self.body_timed = False  # the timer now running is the body's
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections and not self._make_room():
@@ -69,9 +77,26 @@ class BoundedH11Protocol(H11Protocol):
             super().data_received(data)
 
     def handle_events(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.refused and self._headers_too_large():
+            log.warning("refused a request whose headers exceed %d bytes", MAX_HEADER_BYTES)
+            self._disarm()
+            self.send_400_response(f"Request headers larger than {MAX_HEADER_BYTES} bytes")
+            return
         super().handle_events()
-        if self.header_timer is not None and self.conn.their_state is not h11.IDLE:
+        state = self.conn.their_state
+        if self.header_timer is not None and not self.body_timed and state is not h11.IDLE:
             self._disarm()  # the request's headers are in
+            if state is h11.SEND_BODY:  # and its body has the same time to arrive
+                self.header_timer = self.loop.call_later(self.limits.header_timeout, self._body_timeout)
+                self.body_timed = True
+        elif self.body_timed and state is not h11.SEND_BODY:
+            self._disarm()  # the body is in
+
+    def _headers_too_large(self) -> bool:
+        data = self.conn.trailing_data[0]
+        if len(data) <= MAX_HEADER_BYTES:
+            return False
+        return _END_OF_HEADERS.search(data, 0, MAX_HEADER_BYTES + 3) is None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -101,9 +126,17 @@ class BoundedH11Protocol(H11Protocol):
         self.header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timeout)
 
     def _disarm(self) -> None:
+        self.body_timed = False
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None
+
+    def _body_timeout(self) -> None:
+        self.header_timer, self.body_timed = None, False
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            log.warning("closed a connection whose request body did not arrive within %gs (--header-timeout)",
+                        self.limits.header_timeout)
+            self._close()
 
     def _header_timeout(self) -> None:
         self.header_timer = None

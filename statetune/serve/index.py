@@ -22,14 +22,13 @@ from statetune.tuning.keys import (
     FLOAT_DTYPES,
     KEYS,
     WKV_KEY,
+    check_header_length,
     decode_metadata,
     has_token_shift,
     layer_shapes,
     layers_by_key,
 )
 from statetune.tuning.statefile import check_metadata
-
-MAX_HEADER = 16 << 20  # a state file's header is a few KB; anything near this is not a state file
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             if len(head) < 8:
                 raise StateFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise StateFileError(f"{path}: not a safetensors state file (header of {n} bytes)")
+            check_header_length(path, n)
             raw = f.read(n)
     except OSError as e:
         raise StateFileError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -60,6 +58,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StateFileError(f"{path}: not a safetensors file: its header is not JSON ({e})") from None
+    except RecursionError:
+        raise StateFileError(f"{path}: not a safetensors file: its header is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise StateFileError(f"{path}: not a safetensors file: its header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}

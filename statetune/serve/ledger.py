@@ -7,15 +7,19 @@ server writes (atomically) when it persists a state and reads on start-up, so pe
 deletable across restarts. A file is the server's only while it is the very file written: same name, same
 inode and device, same size and modification time, and, checked again before deleting, the same SHA-256. A
 file copied in, or replaced (``cp`` over it, ``mv`` onto it), does not match and is never deletable.
-A ledger that cannot be read counts as empty: nothing becomes deletable by accident.
+A ledger that cannot be read counts as empty: nothing becomes deletable by accident. So does one that
+someone else could have written: it must be a regular file (not a symbolic link) owned by the server's own
+user and writable by nobody else, and the server writes it so (``0600``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +53,7 @@ class Ledger:
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(_read_own_file(self.path))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
@@ -64,7 +68,7 @@ class Ledger:
 
     def _write(self) -> None:
         text = json.dumps({"format": FORMAT, "states": self.records}, indent=1, sort_keys=True, allow_nan=False)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"), private=True)
 
     def owns(self, name: str, path: Path | None, digest: bool = False) -> bool:
         """Whether ``path`` is the file this server wrote as ``name`` (``digest``: check its contents too)."""
@@ -90,3 +94,17 @@ class Ledger:
     def forget(self, name: str) -> None:
         if self.records.pop(name, None) is not None:
             self._write()
+
+
+def _read_own_file(path: Path) -> str:
+    """The text of ``path`` if only this process's user could have written it; ``PermissionError`` (an
+    ``OSError``, so the ledger counts as empty) for a symbolic link, a file of another owner or one that the
+    group or others may write."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionError(errno.EPERM, "not a regular file", str(path))
+        if hasattr(os, "geteuid") and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+            raise PermissionError(errno.EPERM, "owned or writable by another user than the server's", str(path))
+        return f.read().decode("utf-8")

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from statetune.serve.service import Service
 
 log = logging.getLogger("statetune.serve")
-MAX_HEADER_BYTES = 16 << 10  # a request's headers, all together (h11's own default, stated)
 
 
 def build_service(runtime: ModelOptions, *, states: str | Path | None = None, base_name: str,
@@ -68,7 +67,7 @@ def make_server(service: Service, *, host: str = "127.0.0.1", port: int = 8000, 
     import uvicorn
 
     from statetune.serve.app import create_app
-    from statetune.serve.connections import BoundedH11Protocol
+    from statetune.serve.connections import MAX_HEADER_BYTES, BoundedH11Protocol
     from statetune.serve.server import Server
 
     limits = limits or connection_limits(None)

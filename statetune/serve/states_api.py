@@ -31,6 +31,9 @@ from statetune.serve.schemas import _Strict
 from statetune.serve.service import Service
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Names Windows gives to devices, with any extension (``CON.safetensors`` cannot be created there), so a
+#: states directory copied to Windows (RWKV-Runner's home) keeps every file
+RESERVED = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?", re.IGNORECASE)
 INHERITED = ("prompt_template", "prompt_template_no_input", "stop", "data_format", "eos")
 
 
@@ -46,11 +49,21 @@ class CreateState(_Strict):
 
 def check_name(name: str) -> str:
     """``name`` if it is a valid state name; a 400 naming the field otherwise."""
-    if not NAME.fullmatch(name) or name.endswith(SUFFIX):
+    if not NAME.fullmatch(name) or name.endswith((SUFFIX, ".")) or RESERVED.fullmatch(name):
         raise ApiError(400, f"name: a state name is 1 to 64 letters, digits, '.', '_' or '-', starting with a "
-                       f"letter or digit (and not ending in {SUFFIX}), got {name[:80]!r}", "name",
-                       code="invalid_name")
+                       f"letter or digit, not ending in '.' or {SUFFIX}, and not a device name of Windows "
+                       f"(CON, NUL, COM1, ...), got {name[:80]!r}", "name", code="invalid_name")
     return name
+
+
+def check_new_name(name: str, names: list[str]) -> None:
+    """A 409 when ``name`` is taken by one of ``names``, or by one that differs only in case (their files
+    would be one file on a case-insensitive file system)."""
+    folded = name.casefold()
+    same = next((n for n in names if n.casefold() == folded), None)
+    if same is not None:
+        what = "exists already" if same == name else f"differs only in case from the state {same!r}"
+        raise ApiError(409, f"name: a state called {name!r} {what}", "name", code="state_exists")
 
 
 def describe(entry: Entry, service: Service, ledger: Ledger | None = None) -> dict[str, Any]:
@@ -85,8 +98,7 @@ def add_state_routes(app: FastAPI, service: Service, max_api_states: int = 32) -
 
     async def _create(body: CreateState, request: Request) -> JSONResponse:
         name = check_name(body.name)
-        if registry.get(name) is not None:
-            raise ApiError(409, f"name: a state called {name!r} exists already", "name", code="state_exists")
+        check_new_name(name, [e.name for e in registry.entries()])
         if (body.text is None) == (body.tokens is None):
             raise ApiError(400, "text, tokens: give exactly one of them (the text to read into the state)", "text")
         if body.text is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statetune import strict_json
+from statetune.errors import StateFileError
 from statetune.model.state import RWKVState
 
 FORMAT = "statetune-state/1"
@@ -25,6 +26,9 @@ KEY_PATTERN = re.compile(r"blocks\.(\d+)\.(att\.time_state|att\.time_shift|ffn\.
 #: The key templates, WKV first; token-shift vectors are stored for every layer or for none.
 KEYS = (WKV_KEY, ATT_SHIFT_KEY, FFN_SHIFT_KEY)
 SHIFT_KEYS = (ATT_SHIFT_KEY, FFN_SHIFT_KEY)
+#: The longest safetensors header read: a state's is a few KB (metadata included), so anything near this is no
+#: state file, and its metadata would be kept in memory for every file a server indexes.
+MAX_HEADER = 16 << 20
 #: safetensors' names for the floating-point dtypes a state may be stored in, with their sizes in bytes.
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
@@ -75,3 +79,10 @@ class StateFile:
     state: RWKVState
     metadata: dict[str, Any] = field(default_factory=dict)
     has_shift: bool = False
+
+
+def check_header_length(path: Any, n: int) -> None:
+    """Refuse a safetensors header of ``n`` bytes over :data:`MAX_HEADER` (the index and the reader alike)."""
+    if n > MAX_HEADER:
+        raise StateFileError(f"{path}: not a safetensors state file (a header of {n:,} bytes; a state's is a few "
+                             f"KB, and at most {MAX_HEADER >> 20} MiB is read)")

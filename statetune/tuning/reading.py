@@ -27,6 +27,7 @@ from statetune.tuning.keys import (
     SHIFT_KEYS,
     WKV_KEY,
     StateFile,
+    check_header_length,
     decode_metadata,
     has_token_shift,
     layer_shapes,
@@ -46,6 +47,7 @@ def read_file(path: str | Path) -> StateFile:
     if not head:
         raise StateFileError(f"{p}: empty file, not a state")
     if _is_safetensors(head, p.stat().st_size):  # first: its length prefix may begin with the pickle byte
+        check_header_length(p, int.from_bytes(head[:8], "little"))
         return _read_safetensors(p)
     if head.startswith(_ZIP) or head.startswith(_PICKLE):
         return _read_torch(p)
