@@ -59,6 +59,7 @@ def test_the_blocked_copy_is_what_single_token_steps_run(tiny_ckpt):
         model.head.blocked = torch.ops.mkldnn._reorder_linear_weight(2 * model.head.weight, 8)
         torch.testing.assert_close(model.head(h), 2 * want)
         torch.testing.assert_close(model.head(h.expand(3, 2, -1)), want.expand(3, 2, -1))  # T > 1: the weight
+        torch.testing.assert_close(model.head(h[:1]), want[:1])  # one row: the weight
     with torch.enable_grad():
         torch.testing.assert_close(model.head(h), want)  # recording gradients: the weight
 

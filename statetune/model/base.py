@@ -101,9 +101,10 @@ class RWKVBase(nn.Module):
         A step of B sequences multiplies B rows by each matrix; CPU BLAS repacks the matrix on every call
         and runs at a third of memory speed for 4 to 16 rows, while a copy blocked once streams (the
         0.1B head at 8 rows: about 16 instead of 35 ms; :mod:`statetune.model.linear`). Only inference-mode
-        single-token calls use the copies, so prefill and training are untouched; they cost the matrices'
-        memory once more. Commands that own their model and decode batches call this (``generate
-        --input``, ``serve``, ``eval --generate``); ``rows`` is the batch the blocking is tuned for. Returns
+        single-token calls of two or more rows use the copies, so prefill, training and one-sequence steps
+        are untouched; the copies cost the matrices' memory once more. Commands that own their model and
+        decode batches call this (``generate --input``, ``serve``, ``eval --generate``); ``rows`` is the
+        batch the blocking is tuned for. Returns
         False, changing nothing, where it does not apply (not CPU float32, or no oneDNN in this torch).
         """
         done = [m.block_weight(rows) for m in self.modules() if isinstance(m, Linear)]

@@ -26,9 +26,11 @@ def blocked_linear_available() -> bool:
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) that can hold a oneDNN-blocked weight copy.
 
-    After :meth:`block_weight`, single-token inputs (``[B, 1, in]``) run on the blocked copy when no
-    gradient is recorded; every other call, and any call once the weight tensor was replaced or changed in
-    place, uses the weight itself. The two paths agree to float rounding, not bit for bit.
+    After :meth:`block_weight`, single-token inputs of two or more rows (``[B, 1, in]``, ``B > 1``) run on
+    the blocked copy when no gradient is recorded; every other call, and any call once the weight tensor
+    was replaced or changed in place, uses the weight itself (at one row BLAS's matrix-vector product is
+    as fast, and a whole step was slower through oneDNN). The two paths agree to float rounding, not bit
+    for bit.
     """
 
     blocked: Tensor | None = None
@@ -55,7 +57,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.blocked
-        if (b is not None and x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled()
+        if (b is not None and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and not torch.is_grad_enabled()
                 and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self._blocked_from == (self.weight.data_ptr(), self.weight._version)):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(x.shape[0], -1).contiguous(), b, None, "none", [], "")
