@@ -104,8 +104,8 @@ class RWKVBase(nn.Module):
         single-token calls of two or more rows use the copies, so prefill, training and one-sequence steps
         are untouched; the copies cost the matrices' memory once more. Commands that own their model and
         decode batches call this (``generate --input``, ``serve``, ``eval --generate``); ``rows`` is the
-        batch the blocking is tuned for. Returns
-        False, changing nothing, where it does not apply (not CPU float32, or no oneDNN in this torch).
+        batch the blocking is tuned for. Returns False, changing nothing, where it does not apply (not CPU
+        float32, or no oneDNN in this torch).
         """
         done = [m.block_weight(rows) for m in self.modules() if isinstance(m, Linear)]
         return bool(done) and all(done)
