@@ -116,17 +116,69 @@ def reference_speed(path: Path, prompt: list[int], decode_tokens: int) -> tuple[
 
 
 @torch.no_grad()
-def our_decode(model, state, batch: int, tokens: int) -> float:
-    s = state.expand(batch) if batch > 1 else state
+def decode_run(model, state, batch: int, tokens: int) -> tuple[float, float]:
+    """``tokens`` single-token steps of ``batch`` sequences from ``state``: (wall seconds, CPU seconds of this
+    thread; with ``--threads 1`` all the work, and not the time other processes held the core)."""
     x = torch.ones(batch, 1, dtype=torch.long)
+    s = state.expand(batch) if batch > 1 else state
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(tokens):
+        _, s = model(x, s)
+    return time.perf_counter() - wall, time.thread_time() - cpu
 
-    def run():
-        nonlocal s
-        for _ in range(tokens):
-            _, s2 = model(x, s)
-        return s2
 
-    return batch * tokens / timed(run, 1)
+def batched_decode(path: Path, state, tokens: int, repeats: int, batches=(1, 4, 8, 16)) -> dict:
+    """Decode tokens/s of one sequence in the decode layout (generate, chat) and of batches in the checkpoint
+    layout and with blocked weights (``use_batch_layout``: batches, serve), each its own model. Measured
+    round-robin, so that every configuration sees the same load, and the best of ``repeats`` rounds after
+    a warm-up round is kept, by wall time and by CPU time."""
+    ckpt, blocked, one = (load_model(path) for _ in range(3))
+    blocked.use_batch_layout(8)
+    one.use_decode_layout()
+    configs = {("checkpoint_layout", 1): ckpt, ("checkpoint_layout", 8): ckpt,
+               **{("batch_layout", b): blocked for b in batches}, ("decode_layout", 1): one}
+    best = {k: (float("inf"), float("inf")) for k in configs}
+    for rnd in range(repeats + 1):
+        for (name, b), model in configs.items():
+            wall, cpu = decode_run(model, state, b, tokens)
+            if rnd:
+                best[name, b] = (min(best[name, b][0], wall), min(best[name, b][1], cpu))
+    res = {}
+    for i, clock in enumerate(("wall", "cpu")):
+        speed = {k: k[1] * tokens / v[i] for k, v in best.items()}
+        res[clock] = {"decode_layout_1": speed["decode_layout", 1],
+                      **{name: {b: v for (n, b), v in speed.items() if n == name}
+                         for name in ("checkpoint_layout", "batch_layout")},
+                      "batch8_over_1": speed["batch_layout", 8] / speed["decode_layout", 1]}
+    return res
+
+
+def decode_only(path: Path, model, args) -> None:
+    """``--decode-only``: the decode rows of the table, from a state after a ``--seq``-token prompt."""
+    with torch.no_grad():
+        _, state = model(torch.randint(0, model.config.vocab_size, (1, args.seq)))
+    dec = batched_decode(path, state, args.decode_tokens, args.repeats)
+    print_rows(decode_rows(dec))
+    write_json({"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                "torch": torch.__version__, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                "decode": dec}, args.out)
+    print(f"wrote {args.out}")
+
+
+def decode_rows(dec: dict) -> list[tuple[str, str]]:
+    """Table rows: tokens/s by wall time and by CPU time, each also over one sequence's (decode layout)."""
+    configs = [("decode", 1), *(("checkpoint", b) for b in dec["wall"]["checkpoint_layout"]),
+               *(("batch", b) for b in dec["wall"]["batch_layout"])]
+    rows = []
+    for layout, b in configs:
+        cells = []
+        for clock in ("wall", "cpu"):
+            d = dec[clock]
+            v = d["decode_layout_1"] if layout == "decode" else d[f"{layout}_layout"][b]
+            cells.append(f"{v:.1f} ({v / d['decode_layout_1']:.2f}x)")
+        rows.append((f"decode, {b} sequence{'s' * (b > 1)}, {layout} layout (tokens/s wall | CPU)",
+                     " | ".join(cells)))
+    return rows
 
 
 def main() -> None:
@@ -138,6 +190,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=24)
     ap.add_argument("--out", default="benchmarks/results/model.json")
     ap.add_argument("--no-reference", action="store_true", help="Skip the rwkv package comparison.")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="Only the decode speeds (one sequence and batches), written to --out.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,6 +199,8 @@ def main() -> None:
         torch.save(random_checkpoint("rwkv7", **SHAPE), path)
         model = load_model(path, device=args.device)
         cfg = model.config
+        if args.decode_only:
+            return decode_only(path, model, args)
         peak = matmul_peak(args.repeats)
         T, B = args.seq, 2
         step, loss_tokens = tuning_step(model, T, B)
@@ -154,10 +210,10 @@ def main() -> None:
         with torch.no_grad():
             t_prefill = timed(lambda: model(prompt, last_only=True), args.repeats)
             _, state = model(prompt)
-        dec1_ckpt = our_decode(model, state, 1, args.decode_tokens)
-        dec8 = our_decode(model, state, 8, args.decode_tokens)  # batches (serve, eval) keep the checkpoint layout
-        model.use_decode_layout()  # what generate with one prompt and chat run with
-        dec1 = our_decode(model, state, 1, args.decode_tokens)
+        dec = batched_decode(path, state, args.decode_tokens, args.repeats)
+        wall = dec["wall"]
+        dec1_ckpt, dec1 = wall["checkpoint_layout"][1], wall["decode_layout_1"]
+        dec8_ckpt, dec8 = wall["checkpoint_layout"][8], wall["batch_layout"][8]
         ref_prefill = ref_decode = None
         if not args.no_reference:
             ref_prefill, ref_decode = reference_speed(path, prompt[0].tolist(), args.decode_tokens)
@@ -172,7 +228,8 @@ def main() -> None:
         "prefill": {"tokens": args.seq, "tokens_per_s": args.seq / t_prefill, "rwkv_pkg_tokens_per_s": ref_prefill,
                     "fraction_of_peak": forward_flops(cfg, args.seq, 1) / t_prefill / 1e9 / peak},
         "decode": {"tokens_per_s": dec1, "batch8_tokens_per_s": dec8, "rwkv_pkg_tokens_per_s": ref_decode,
-                   "checkpoint_layout_tokens_per_s": dec1_ckpt},
+                   "checkpoint_layout_tokens_per_s": dec1_ckpt, "batch8_checkpoint_layout_tokens_per_s": dec8_ckpt,
+                   "by_layout": dec},
         "peak_rss_mb": {"state_tuning_step": mem_state, "full_finetune_step": mem_full},
     }
     rows = [("matmul peak (GFLOP/s)", f"{peak:.1f}"),
@@ -181,9 +238,7 @@ def main() -> None:
              f"{flops / t_step / 1e9:.1f}, {res['tuning_step']['fraction_of_peak']:.0%}"),
             (f"prefill {args.seq} (tokens/s)", f"{args.seq / t_prefill:.0f}"),
             ("  model FLOPs / peak", f"{res['prefill']['fraction_of_peak']:.0%}"),
-            ("decode, 1 sequence, checkpoint layout (tokens/s)", f"{dec1_ckpt:.1f}"),
-            ("decode, 1 sequence, decode layout (tokens/s)", f"{dec1:.1f} ({dec1 / dec1_ckpt:.2f}x)"),
-            ("decode, 8 sequences, checkpoint layout (tokens/s)", f"{dec8:.1f} ({dec8 / dec1_ckpt:.1f}x)"),
+            *decode_rows(dec),
             ("peak RSS state-tuning / full fine-tune (MB)", f"{mem_state:.0f} / {mem_full:.0f}")]
     if ref_prefill:
         rows += [("rwkv package prefill (tokens/s)",

@@ -82,6 +82,8 @@ def evaluate(opts: EvalOptions) -> int:
     from statetune.tuning.formats import read_any
 
     model = opts.load_model()
+    if opts.generate:
+        model.use_batch_layout()  # batched greedy decoding: weights blocked once for oneDNN on CPU
     data = TokenDataset(opts.data, model.config.vocab_size)
     meta = dataset_meta(opts.data)
     tok = pick_tokenizer(opts.tokenizer, meta, model.config.vocab_size)

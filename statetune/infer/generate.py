@@ -135,6 +135,8 @@ def generate_records(rt: Runtime, records: Records, out: str, batch_size: int,
 
     from statetune.fileio import atomic_write
 
+    rt.model.use_batch_layout(batch_size)  # batched decode steps: weights blocked once for oneDNN on CPU
+
     def run(tmp: str) -> None:
         engine = Engine(rt.model, rt.tokenizer, max_batch_size=batch_size)
         index: dict[int, int] = {}

@@ -190,7 +190,9 @@ def sample(logits: Tensor, rows: Sequence[RowSampler], vocab_size: int | None = 
 
     Only ids below ``vocab_size`` can be chosen (a model's vocabulary may be padded past the tokenizer's).
     """
-    logits = penalize(logits[:, :vocab_size].float(), rows)
+    logits = logits[:, :vocab_size].float()
+    if any(r.params.penalized for r in rows):  # else no copy: nothing below writes into the logits
+        logits = penalize(logits, rows)
     out = logits.argmax(-1).tolist()
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from statetune.model.base import Block, RWKVBase, acc_dtype, token_shift
 from statetune.model.base import mix_vector as _vec
 from statetune.model.config import RWKVConfig
+from statetune.model.linear import Linear
 from statetune.ops import wkv6
 
 
@@ -30,15 +31,15 @@ class TimeMix6(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.gate = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor,
-                v_first: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, v_first: Tensor | None,
+                wkv_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         dx = token_shift(x, shift)
@@ -57,7 +58,8 @@ class TimeMix6(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.view(B, T, H, N)
 
-        y, wkv = wkv6(heads(r), heads(log_w), heads(k), heads(v), self.time_faaaa, wkv, impl=self.wkv_impl)
+        y, wkv = wkv6(heads(r), heads(log_w), heads(k), heads(v), self.time_faaaa, wkv,
+                      impl=self.wkv_impl, out=wkv_out)
         y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
         return self.output(y * g), x[:, -1], wkv, v_first
 
@@ -70,9 +72,9 @@ class ChannelMix6(nn.Module):
         C = cfg.n_embd
         self.time_maa_k = _vec(C)
         self.time_maa_r = _vec(C)
-        self.key = nn.Linear(C, cfg.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(cfg.dim_ffn, C, bias=False)
+        self.key = Linear(C, cfg.dim_ffn, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(cfg.dim_ffn, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         dx = token_shift(x, shift)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from statetune.model.base import Block, RWKVBase, acc_dtype, token_shift
 from statetune.model.base import mix_vector as _vec
 from statetune.model.config import RWKVConfig
+from statetune.model.linear import Linear
 from statetune.ops import wkv7
 
 
@@ -32,14 +33,14 @@ class TimeMix7(nn.Module):
             self.v1 = nn.Parameter(torch.zeros(C, lora["v"]))
             self.v2 = nn.Parameter(torch.zeros(lora["v"], C))
         self.r_k = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor,
-                v_first: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, v_first: Tensor | None,
+                wkv_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         dx = token_shift(x, shift)
@@ -64,7 +65,8 @@ class TimeMix7(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.view(B, T, H, N)
 
-        y, wkv = wkv7(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv, impl=self.wkv_impl)
+        y, wkv = wkv7(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv,
+                      impl=self.wkv_impl, out=wkv_out)
         y = self.ln_x(y.to(x.dtype).reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(-1, keepdim=True) * heads(v)  # [B, T, H, N]
         y = y + bonus.reshape(B, T, C)
@@ -77,8 +79,8 @@ class ChannelMix7(nn.Module):
     def __init__(self, cfg: RWKVConfig):
         super().__init__()
         self.x_k = _vec(cfg.n_embd)
-        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
-        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+        self.key = Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         k = x + token_shift(x, shift) * self.x_k

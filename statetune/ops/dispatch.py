@@ -38,6 +38,12 @@ def choose(impl: str, x: Tensor) -> str:
     return "chunked"
 
 
+def into(out: Tensor | None, y: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y, state)``, the state copied into ``out`` first when one is given (the paths that cannot write
+    there directly)."""
+    return (y, state) if out is None else (y, out.copy_(state))
+
+
 def triton_interpreter_on() -> bool:
     """True when Triton's interpreter is switched on (``TRITON_INTERPRET=1``): kernels then run on CPU."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
