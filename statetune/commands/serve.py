@@ -63,6 +63,10 @@ class ServeOptions(ModelOptions):
         "first use."))
     playground: bool | None = field(default=None, metadata=h(
         "Serve the playground page at / (default: on when listening on loopback only)."))
+    batch_layout: bool = field(default=True, metadata=h(
+        "On CPU, keep a second copy of the weights blocked for batched decode steps (about 1.7x faster steps "
+        "of 8 sequences on a 0.1B model; costs the weights' memory once more: --no-batch-layout where memory "
+        "is tight)."))
     max_connections: int | None = field(default=None, metadata=h(
         "Most connections open at once (default: 3/4 of the open-file limit, ulimit -n, at most 4096). At the "
         "cap a new connection closes the one idle longest; when all have a request in progress it gets 503."))
@@ -147,7 +151,7 @@ def build_service(opts: ServeOptions) -> Service:
                                  cache_device=opts.cache_device, max_batch_size=opts.max_batch_size,
                                  prefill_tokens=opts.prefill_tokens, max_tokens_limit=opts.max_tokens_limit,
                                  max_prompt_tokens=opts.max_prompt_tokens,
-                                 state_scale=opts.state_scale)
+                                 state_scale=opts.state_scale, batch_layout=opts.batch_layout)
 
 
 def make_server(opts: ServeOptions, service: Service | None = None) -> Server:
@@ -185,7 +189,7 @@ def serve_ray(opts: ServeOptions) -> int:
                    max_loaded_states=opts.max_loaded_states, cache_mb=opts.cache_mb, cache_device=opts.cache_device,
                    max_batch_size=opts.max_batch_size, prefill_tokens=opts.prefill_tokens,
                    max_tokens_limit=opts.max_tokens_limit, max_prompt_tokens=opts.max_prompt_tokens,
-                   state_scale=opts.state_scale)
+                   state_scale=opts.state_scale, batch_layout=opts.batch_layout)
     model["model"] = str(Path(opts.model).resolve())
     config = RayConfig(model=model, service=service, replicas=opts.replicas, api_key=opts.key(),
                        playground=opts.serves_playground, access_log=opts.access_log, affinity=opts.ray_affinity,

@@ -27,10 +27,11 @@ log = logging.getLogger("statetune.serve")
 def build_service(runtime: ModelOptions, *, states: str | Path | None = None, base_name: str,
                   max_loaded_states: int = 64, cache_mb: float = 512.0, cache_device: str | None = None,
                   max_batch_size: int = 32, prefill_tokens: int = 4096, max_tokens_limit: int = 1024,
-                  max_prompt_tokens: int = 4096, state_scale: float = 1.0) -> Service:
+                  max_prompt_tokens: int = 4096, state_scale: float = 1.0, batch_layout: bool = True) -> Service:
     """Load the model and index the states; returns the :class:`~statetune.serve.service.Service` (not
     started). ``cache_mb`` is the prefix-state cache's memory (0: none), kept on ``cache_device`` (default:
-    the model's device); ``state_scale`` multiplies every state read from ``states``."""
+    the model's device); ``state_scale`` multiplies every state read from ``states``; ``batch_layout`` keeps
+    a blocked copy of the weights for batched decode steps on CPU (``RWKVBase.use_batch_layout``)."""
     import torch
 
     from statetune.runtime import pick_tokenizer
@@ -41,7 +42,8 @@ def build_service(runtime: ModelOptions, *, states: str | Path | None = None, ba
     from statetune.serve.service import Service
 
     model = runtime.load_model()
-    model.use_batch_layout(max_batch_size)  # batched decode steps: weights blocked once for oneDNN on CPU
+    if batch_layout:
+        model.use_batch_layout(max_batch_size)  # batched decode steps: weights blocked once for oneDNN on CPU
     tokenizer = pick_tokenizer(runtime.tokenizer, {}, model.config.vocab_size)
     try:
         device = torch.device(cache_device) if cache_device else model.device
