@@ -107,7 +107,8 @@ def test_objectives_quick_end_to_end(tmp_path: Path) -> None:
     assert got == ["base", "reference", "sft", "sft+dpo", "orpo", "teacher-lora", "distill-lora", "layers-1-1"]
     for r in res["runs"][2:]:
         assert 0 <= r["ser"] <= 1 and 0 < r["distinct"] <= 1 and r["test_loss"] > 0
-    assert [r["trainable"] for r in res["runs"] if r["method"] in ("sft", "layers-1-1")] == [512, 256]
+    # 2 heads of 16 per layer: 512 a layer
+    assert [r["trainable"] for r in res["runs"] if r["method"] in ("sft", "layers-1-1")] == [1024, 512]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(json.loads(out.read_text())["runs"]) == len(got)  # all skipped
     assert "| sft+dpo | sft 2 (LR 30) + dpo 2 |" in again.stdout
