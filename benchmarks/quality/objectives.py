@@ -65,7 +65,7 @@ def pair_rows(side: dict[str, list[str]], rows: list[tuple[str, str]], seed: int
 def prepare_pairs(pairs: list[dict[str, str]], out: Path, model_path: Path) -> Path:
     """Tokenize pairs with statetune's ``prepare`` (the study's prompt and completion templates)."""
     src = out.with_suffix(".src.jsonl")
-    src.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    src.write_text("".join(json.dumps(p, ensure_ascii=False, allow_nan=False) + "\n" for p in pairs), encoding="utf-8")
     prepare(PrepareOptions(inputs=[str(src)], out=str(out), model=str(model_path), format="preference",
                            prompt_template=PROMPT, completion_template=COMPLETION.replace("{ref}", "{completion}")))
     return out.with_suffix(".jsonl")
