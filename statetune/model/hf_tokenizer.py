@@ -13,6 +13,7 @@ finish. Pieces stay long only in runs such as thousands of one repeated letter (
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -43,7 +44,7 @@ def split_pattern(table: list[bytes], chars: dict[int, str]) -> str:
     follows ``x`` inside some token (``x(?![...])``), or a byte that is never followed inside a token."""
     follow: dict[int, set[int]] = {b: set() for b in range(256)}
     for token in table:
-        for x, y in zip(token, token[1:], strict=False):
+        for x, y in itertools.pairwise(token):
             follow[x].add(y)
     free = [chars[b] for b in range(256) if not follow[b]]
     alternatives = ["[" + "".join(map(_char, free)) + "]"] if free else []
