@@ -49,3 +49,15 @@ def tiny_ckpt(tmp_path_factory):
         return cache[version]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """``(model, train data, val data)``: the small training task of the train, LR-search and lock tests."""
+    from train_data import write_task
+
+    root = tmp_path_factory.mktemp("task")
+    model = write_checkpoint(root / "m.pth", "rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=300,
+                             dim_ffn=64, seed=3)
+    train_path, val_path = write_task(root)
+    return model, train_path, val_path

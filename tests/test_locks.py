@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_checkpoint
-from train_data import write_task
 
 import statetune
 from statetune.cli import main
@@ -106,15 +104,6 @@ def test_the_kernel_releases_the_lock_of_a_killed_process(tmp_path):
 
 
 # -- the run folder ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    model = write_checkpoint(root / "m.pth", "rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=300,
-                             dim_ffn=64, seed=3)
-    train_path, val_path = write_task(root)
-    return model, train_path, val_path
-
-
 def _args(task, out, *extra: str) -> list[str]:
     model, tr, va = task
     return ["train", "--model", str(model), "--train-data", str(tr), "--val-data", str(va), "--out", str(out),

@@ -9,8 +9,6 @@ import tomllib
 
 import pytest
 import torch
-from conftest import write_checkpoint
-from train_data import write_task
 
 import statetune
 from statetune.cli import main
@@ -24,15 +22,6 @@ from statetune.train.lr_finder import log_rates
 from statetune.train.lr_search import make_trial, search_lr
 from statetune.train.metrics import read_metrics
 from statetune.tuning.tunable import TunableState
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    model = write_checkpoint(root / "m.pth", "rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=300,
-                             dim_ffn=64, seed=3)
-    train_path, val_path = write_task(root)
-    return model, train_path, val_path
 
 
 def opts(task, out, **kw) -> TrainOptions:

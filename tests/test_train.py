@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import write_checkpoint
 from safetensors import safe_open
-from train_data import write_task
 
 import statetune
 from statetune.cli import main
@@ -23,15 +22,6 @@ from statetune.train.metrics import read_metrics
 from statetune.tuning.config import StateTuningConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    model = write_checkpoint(root / "m.pth", "rwkv7", n_layer=2, n_embd=32, head_size=16, vocab_size=300,
-                             dim_ffn=64, seed=3)
-    train_path, val_path = write_task(root)
-    return model, train_path, val_path
 
 
 def run(task, out, **kw) -> TrainOptions:
